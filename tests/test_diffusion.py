@@ -1,0 +1,135 @@
+"""Diffusion core: closed-form checks of the samplers, thresholding against NumPy, bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagen_jax import diffusion
+from imagen_jax.diffusion import predictions, schedules
+
+M, S = 1.5, 0.6
+
+
+def gaussian_eps(x_t, logsnr):
+    """Optimal eps predictor for data x0 ~ N(M, S^2): E[eps | x_t] = sigma (x_t - alpha M) / (alpha^2 S^2 + sigma^2)."""
+    alpha, sigma = schedules.alpha_sigma(logsnr)
+    a, s = alpha[:, None], sigma[:, None]
+    return s * (x_t - a * M) / (a**2 * S**2 + s**2)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_samplers_recover_gaussian(schedule, sampler, eta):
+    # Ancestral sampling with the posterior mean of x0 loses O(1/N) of the variance per run, so the
+    # stochastic samplers get more steps than the deterministic DDIM (a probability-flow ODE solver).
+    num_steps = 200 if (sampler == "ddim" and eta == 0.0) else 1000
+    x = diffusion.sample(gaussian_eps, (8192, 2), jax.random.PRNGKey(0), schedule=schedule, sampler=sampler,
+                         num_steps=num_steps, eta=eta, thresholding="none")
+    x = np.asarray(x)
+    assert abs(x.mean() - M) / M < 0.02, x.mean()
+    assert abs(x.std() - S) / S < 0.02, x.std()
+
+
+def numpy_dynamic_threshold(x0, p):
+    flat = np.abs(x0.reshape(x0.shape[0], -1)).astype(np.float64)
+    s = np.maximum(np.percentile(flat, p, axis=1), 1.0).reshape((-1,) + (1,) * (x0.ndim - 1))
+    return np.clip(x0, -s, s) / s
+
+
+@pytest.mark.parametrize("p", [99.5, 90.0, 50.0, 100.0])
+def test_dynamic_threshold_matches_numpy(p):
+    rng = np.random.default_rng(1)
+    small = rng.uniform(-0.5, 0.5, (2, 8, 8, 3))           # s < 1: unchanged
+    heavy = rng.standard_t(df=1.5, size=(3, 8, 8, 3)) * 3  # heavy tails
+    x0 = np.concatenate([small, heavy]).astype(np.float32)
+    got = np.asarray(diffusion.dynamic_threshold(jnp.asarray(x0), percentile=p))
+    want = numpy_dynamic_threshold(x0, p)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[:2], x0[:2])
+    assert np.abs(got).max() <= 1.0 + 1e-6
+
+
+def test_static_threshold_and_none():
+    x = jnp.asarray([[-3.0, 0.5, 2.0]])
+    np.testing.assert_array_equal(diffusion.threshold(x, "static"), [[-1.0, 0.5, 1.0]])
+    np.testing.assert_array_equal(diffusion.threshold(x, "none"), x)
+
+
+def test_sampler_traced_once():
+    traces = []
+
+    def fn(x, logsnr):
+        traces.append(1)
+        return gaussian_eps(x, logsnr)
+
+    for seed in range(3):
+        diffusion.sample(fn, (8, 2), jax.random.PRNGKey(seed), sampler="ddpm", num_steps=10, eta=0.0)
+    # also a different (traced) percentile must not retrace
+    diffusion.sample(fn, (8, 2), jax.random.PRNGKey(5), sampler="ddpm", num_steps=10, percentile=95.0)
+    assert len(traces) == 1
+
+
+def test_sample_deterministic_and_seed_dependent():
+    a = diffusion.sample(gaussian_eps, (8, 2), jax.random.PRNGKey(0), sampler="ddpm", num_steps=20)
+    b = diffusion.sample(gaussian_eps, (8, 2), jax.random.PRNGKey(0), sampler="ddpm", num_steps=20)
+    c = diffusion.sample(gaussian_eps, (8, 2), jax.random.PRNGKey(1), sampler="ddpm", num_steps=20)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_prediction_conversions_roundtrip(prediction):
+    rng = np.random.default_rng(0)
+    x0 = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    eps = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    logsnr = jnp.asarray([-5.0, -1.0, 2.0, 6.0])
+    x_t = schedules.q_sample(x0, logsnr, eps)
+    out = predictions.target(x0, eps, logsnr, prediction)
+    x0_hat, eps_hat = predictions.to_x0_eps(out, x_t, logsnr, prediction)
+    np.testing.assert_allclose(x0_hat, x0, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(eps_hat, eps, rtol=1e-3, atol=1e-3)
+
+
+def test_schedules_endpoints_and_monotone():
+    t = jnp.linspace(0, 1, 101)
+    for name in ("cosine", "linear"):
+        ls = np.asarray(diffusion.logsnr_fn(name)(t))
+        assert np.all(np.diff(ls) < 0), name
+        assert ls[0] > 9 and ls[-1] < -9, (name, ls[0], ls[-1])
+    # linear: alpha_bar(1) = exp(-(0.1 + 0.5 * 19.9)) as the discrete 1e-4..0.02 schedule over 1000 steps.
+    alpha2 = jax.nn.sigmoid(diffusion.logsnr_fn("linear")(1.0))
+    np.testing.assert_allclose(alpha2, np.exp(-(0.1 + 0.5 * 19.9)), rtol=1e-4)
+    np.testing.assert_allclose(diffusion.logsnr_to_time(diffusion.logsnr_fn("cosine")(0.3)), 0.3, atol=1e-3)
+
+
+def test_loss_weighting_and_value():
+    x0 = jnp.zeros((16, 4, 4, 3))
+    perfect = lambda x_t, logsnr: gaussian_zero_eps(x_t, logsnr)  # noqa: E731
+    loss = diffusion.diffusion_loss(perfect, x0, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(loss, 0.0, atol=1e-5)
+    w = diffusion.loss_weight(jnp.log(jnp.asarray([1.0, 10.0])), "eps", "min_snr", min_snr_gamma=5.0)
+    np.testing.assert_allclose(w, [1.0, 0.5], rtol=1e-6)
+
+
+def gaussian_zero_eps(x_t, logsnr):
+    # Data is exactly 0, so x_t = sigma * eps and eps = x_t / sigma.
+    _, sigma = schedules.alpha_sigma(logsnr)
+    return x_t / sigma[:, None, None, None]
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(schedule="quadratic"), "schedule"),
+    (dict(sampler="euler"), "sampler"),
+    (dict(percentile=0.0), "percentile"),
+    (dict(percentile=100.5), "percentile"),
+    (dict(thresholding="soft"), "thresholding"),
+    (dict(num_steps=0), "num_steps"),
+])
+def test_bad_sampler_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        diffusion.sample(gaussian_eps, (2, 2), jax.random.PRNGKey(0), **kwargs)
+
+
+def test_bad_percentile_in_dynamic_threshold():
+    with pytest.raises(ValueError, match="percentile"):
+        diffusion.dynamic_threshold(jnp.ones((1, 2)), percentile=-1)
