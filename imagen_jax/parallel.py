@@ -1,0 +1,105 @@
+"""Device mesh, logical-axis rules and shardings, multi-host initialisation.
+
+Three layers, as data: physical mesh axes (data, fsdp, tensor) sized by the config; logical-to-mesh
+rules in the config; logical names on every parameter (models/, text/) and activation.
+"""
+import math
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class MeshError(ValueError):
+    pass
+
+
+def maybe_initialize_distributed():
+    """Calls jax.distributed.initialize() when IMAGEN_JAX_DISTRIBUTED=1 (set by launch/tpu.sh) or
+    when the coordinator is given in the environment; a no-op for single-process runs."""
+    if os.environ.get("IMAGEN_JAX_DISTRIBUTED", "0") == "1":
+        jax.distributed.initialize()
+    elif os.environ.get("IMAGEN_JAX_COORDINATOR"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["IMAGEN_JAX_COORDINATOR"],
+            num_processes=int(os.environ["IMAGEN_JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["IMAGEN_JAX_PROCESS_ID"]))
+
+
+def mesh_shape(mesh_cfg, num_devices):
+    """Resolves {data, fsdp, tensor} sizes (one may be -1 = the rest) against the device count."""
+    sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise MeshError(f"at most one mesh axis may be -1, got {sizes}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if any(s == 0 or s < -1 for s in sizes.values()):
+        raise MeshError(f"mesh axis sizes must be positive or -1, got {sizes}")
+    if free:
+        if num_devices % fixed:
+            raise MeshError(f"mesh {sizes} does not divide the {num_devices} devices")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise MeshError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, but there are {num_devices}")
+    return tuple(sizes[a] for a in MESH_AXES)
+
+
+def make_mesh(mesh_cfg, devices=None):
+    devices = list(jax.devices()) if devices is None else list(devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    try:
+        arr = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # abstract / odd topologies: fall back to the plain order
+        arr = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(arr, MESH_AXES)
+
+
+def rules_tuple(rules):
+    return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
+
+
+def logical_shardings(abstract_tree, mesh, rules):
+    """NamedShardings for a tree of nn.Partitioned / plain leaves (plain leaves are replicated)."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules_tuple(rules))
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh, ndim):
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh):
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_sharded(abstract_params, shardings, mesh, min_bytes):
+    """With fsdp > 1, every parameter larger than `min_bytes` must be split over some mesh axis."""
+    if mesh.shape["fsdp"] <= 1:
+        return
+    bad = []
+    flat_p = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_params))
+    flat_s = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sh in zip(flat_p, flat_s):
+        nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        if nbytes >= min_bytes and all(ax is None for ax in sh.spec):
+            bad.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)}")
+    if bad:
+        raise MeshError(f"fsdp={mesh.shape['fsdp']} but {len(bad)} large parameters stay replicated "
+                        f"(check mesh.rules): " + ", ".join(bad[:5]))
+
+
+def host_local_batch_to_global(batch, mesh):
+    """Assembles each host's slice of the global batch into global arrays sharded over data x fsdp."""
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+    return jax.tree_util.tree_map(put, batch)
