@@ -63,10 +63,32 @@ def rules_tuple(rules):
     return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in rules)
 
 
+def _axis_size(mesh, axes):
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def fit_spec(spec, shape, mesh):
+    """Drops the mesh axes of any dimension they do not divide (e.g. a 3-channel RGB convolution
+    under fsdp=2): that dimension is replicated instead of failing to shard."""
+    dims = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return P(*(ax if ax is not None and shape[i] % _axis_size(mesh, ax) == 0 else None
+               for i, ax in enumerate(dims[: len(shape)])))
+
+
 def logical_shardings(abstract_tree, mesh, rules):
     """NamedShardings for a tree of nn.Partitioned / plain leaves (plain leaves are replicated)."""
-    specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules_tuple(rules))
+    rules = rules_tuple(rules)
+
+    def one(leaf):
+        if isinstance(leaf, nn.Partitioned):
+            spec = nn.logical_to_mesh_axes(leaf.names, rules)
+            return NamedSharding(mesh, fit_spec(spec, leaf.value.shape, mesh))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def replicated(mesh):

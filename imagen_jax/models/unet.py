@@ -182,6 +182,12 @@ class UNet(nn.Module):
         return out.astype(jnp.float32)
 
 
+def upsample_lowres(lowres, size):
+    """Resizes the low-res conditioning image [B, h, w, C] to the stage's [B, size, size, C]."""
+    b, _, _, ch = lowres.shape
+    return jax.image.resize(lowres, (b, size, size, ch), method="bicubic").clip(-1.0, 1.0)
+
+
 def init_inputs(config: UNetConfig, batch: int = 1, text_len: int = 8, image_size: Optional[int] = None):
     """Dummy inputs of the right shapes for `init` / `eval_shape`."""
     s = image_size or config.image_size

@@ -1,0 +1,38 @@
+"""The paper's training runs on Cloud TPU pods: each stage's `paper` config with the mesh, batch and
+rematerialisation that fit the pod. Check a configuration before renting the pod:
+
+    python -m imagen_jax.inspect --config=configs/pods.py:base64_v4_256 --topology=v4-256 --compile
+    python -m imagen_jax.inspect --config=configs/pods.py:base64_v5e_256 --topology=v5litepod-256 --compile
+    python -m imagen_jax.inspect --config=configs/pods.py:sr256_v4_128 --topology=v4-128 --compile
+    python -m imagen_jax.inspect --config=configs/pods.py:sr1024_v4_128 --topology=v4-128 --compile
+
+Each prints `fits=true per_chip_bytes=... hbm_bytes=...` (measured numbers are in the README), and
+launches with launch/tpu.sh, e.g.
+    launch/tpu.sh run --name imagen --zone us-central2-b --accelerator v4-256 --workdir gs://BUCKET/base64 \\
+        -- train --config=configs/pods.py:base64_v4_256
+"""
+import importlib
+
+# name: (stage config module, accelerator type, mesh fsdp size, global batch)
+PODS = {
+    "base64_v4_256": ("base64", "v4-256", 8, 2048),      # 128 chips: data 16 x fsdp 8
+    "base64_v5e_256": ("base64", "v5litepod-256", 16, 2048),  # 256 chips, 16 GiB each: data 16 x fsdp 16
+    "sr256_v4_128": ("sr256", "v4-128", 4, 2048),        # 64 chips: data 16 x fsdp 4
+    "sr1024_v4_128": ("sr1024", "v4-128", 4, 2048),      # 64 chips: data 16 x fsdp 4
+}
+
+
+def get_config(arg=None):
+    if arg not in PODS:
+        raise ValueError(f"pod config must be one of {sorted(PODS)}, got {arg!r}")
+    stage, accelerator, fsdp, batch = PODS[arg]
+    c = importlib.import_module(f"configs.{stage}").get_config("paper")
+    c.mesh.data = -1
+    c.mesh.fsdp = fsdp
+    c.mesh.tensor = 1
+    c.train.batch_size = batch
+    c.model.remat = True
+    c.model.attention_impl = "xla"  # the TPU path (splash attention is chosen by XLA's TPU backend)
+    c.unlock()
+    c.accelerator = accelerator  # the TPU type this config was checked on
+    return c

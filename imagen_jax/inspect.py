@@ -1,0 +1,113 @@
+"""Inspects a stage config without training: parameter counts, and (with --compile) the compiled
+train step's memory and FLOPs on the local devices or on a TPU topology (libtpu on any machine).
+
+    python -m imagen_jax.inspect --config=configs/base64.py
+        per-module parameter counts and a final line `params=<integer>`
+    python -m imagen_jax.inspect --config=configs/base64.py:tiny --compile
+        compiles the train step for the local devices and prints per-device memory
+    python -m imagen_jax.inspect --config=configs/pods.py:base64_v4_256 --topology=v4-256 --compile
+        compiles for 128 TPU v4 chips and prints per-chip memory against HBM, FLOPs per step, an
+        estimated step time and MFU, and `fits=<true|false> per_chip_bytes=<int> hbm_bytes=<int>`
+"""
+import math
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imagen_jax import parallel, training
+from imagen_jax.models import param_shapes
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Stage config file.", lock_config=True)
+flags.DEFINE_bool("compile", False, "Lower and compile the train step and report its memory.")
+flags.DEFINE_string("topology", None, "TPU accelerator type to compile for, e.g. v4-256 (needs libtpu).")
+flags.DEFINE_integer("batch_size", 0, "Global batch for --compile (default: the config's train.batch_size).")
+flags.DEFINE_float("mfu", 0.4, "Utilisation assumed for the estimated step time.")
+
+
+def param_report(config):
+    """Lines of 'module params' in tree order and the total."""
+    shapes = nn.meta.unbox(param_shapes(training.model_config(config)))
+    rows = [(name, sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(sub))) for name, sub in shapes.items()]
+    return rows, sum(n for _, n in rows)
+
+
+def compile_step(config, devices, batch_size):
+    """Lowers and compiles the real train step for `devices` with the config's mesh and rules."""
+    mesh = parallel.make_mesh(config.mesh, devices)
+    trainer = training.Trainer(config, mesh)
+    if batch_size % parallel.data_parallel_size(mesh):
+        raise parallel.MeshError(f"batch {batch_size} is not divisible by data x fsdp = "
+                                 f"{parallel.data_parallel_size(mesh)}")
+    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   trainer.abstract_state, trainer.state_shardings)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))
+    lowered = trainer.step.lower(state, trainer.batch_struct(batch_size), rng)
+    return trainer, lowered
+
+
+def human(n):
+    return f"{n / 2**30:.2f} GiB"
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    if config is None:
+        print("error: --config is required", file=sys.stderr)
+        return 2
+    try:
+        rows, total = param_report(config)
+        for name, n in rows:
+            print(f"{name:32s} {n:>15,d}")
+        print(f"stage={config.stage} total={total:,d}")
+        print(f"params={total}")
+        if not FLAGS.compile:
+            return 0
+        batch = FLAGS.batch_size or int(config.train.batch_size)
+        if FLAGS.topology:
+            from imagen_jax import topology
+            spec = topology.slice_spec(FLAGS.topology)
+            devices = topology.topology_devices(FLAGS.topology)
+            _, lowered = compile_step(config, devices, batch)
+            compiled, rep = topology.compile_and_report(lowered, spec, FLAGS.mfu)
+            print(f"topology={FLAGS.topology} chips={len(devices)} batch={batch} mesh={dict(config.mesh)}")
+            if compiled is not None:
+                print(f"per-chip memory: arguments {human(rep['argument_bytes'])}, temporaries "
+                      f"{human(rep['temp_bytes'])}, outputs {human(rep['output_bytes'])}, aliased "
+                      f"{human(rep['alias_bytes'])}, total {human(rep['per_chip_bytes'])} of HBM {human(rep['hbm_bytes'])}")
+            if rep.get("flops"):
+                chip = topology.chip_spec(FLAGS.topology)
+                print(f"flops per step per chip: {rep['flops']:.4g}; estimated step time at {FLAGS.mfu:.0%} MFU "
+                      f"of {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s: {rep['est_step_time']:.3f}s "
+                      f"({batch / rep['est_step_time']:.1f} images/s)")
+            print(topology.format_fits_line(rep))
+            return 0
+        _, lowered = compile_step(config, jax.devices(), batch)
+        compiled = lowered.compile()
+        mem = compiled.memory_analysis()
+        per_dev = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                   + mem.temp_size_in_bytes)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        stats = jax.devices()[0].memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        print(f"devices={jax.device_count()} ({jax.devices()[0].device_kind}) batch={batch}")
+        print(f"per-device memory: arguments {human(mem.argument_size_in_bytes)}, temporaries "
+              f"{human(mem.temp_size_in_bytes)}, total {human(per_dev)}"
+              + (f" of {human(limit)}" if limit else ""))
+        print(f"flops per step per device: {float((cost or {}).get('flops', 0)):.4g}")
+        print(f"per_device_bytes={int(per_dev)}" + (f" device_limit_bytes={int(limit)}" if limit else ""))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,35 @@
+"""Trains one cascade stage (base64, sr256 or sr1024: the config decides).
+
+    python -m imagen_jax.train --config=configs/base64.py:tiny --workdir=/tmp/base64 [--config.key=value ...]
+
+Resumes automatically from the latest checkpoint in WORKDIR; SIGTERM checkpoints and exits 0.
+See imagen_jax/training/loop.py for the loop and configs/*.py for what each stage expects.
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from imagen_jax.training import loop
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Stage config file (configs/<stage>.py[:variant]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and preview grids go here.")
+flags.DEFINE_integer("stop_after", 0, "Stop (with a checkpoint) after this many steps of this run; 0 = no.")
+
+
+def main(argv):
+    del argv
+    if FLAGS.workdir is None or FLAGS.config is None:
+        print("error: --config and --workdir are required", file=sys.stderr)
+        return 2
+    try:
+        loop.train(FLAGS.config, FLAGS.workdir, stop_after=FLAGS.stop_after)
+    except (ValueError, loop.TrainingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

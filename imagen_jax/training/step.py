@@ -1,0 +1,204 @@
+"""The training step of every cascade stage, built from a stage config: train state, optimizer,
+EMA, noise conditioning augmentation, classifier-free-guidance dropout, and the shardings that place
+all of it on a device mesh. `imagen_jax.train` (the loop) and `imagen_jax.inspect` (ahead-of-time
+compilation) both use this module."""
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from imagen_jax import diffusion, parallel
+from imagen_jax.diffusion import schedules
+from imagen_jax.models import UNet, UNetConfig, init_inputs, upsample_lowres
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    # First step whose loss or gradient norm was not finite (-1 if none). That step's update is
+    # skipped, so the state itself never holds a poisoned value.
+    nonfinite_step: jax.Array
+
+
+def model_config(config) -> UNetConfig:
+    return UNetConfig.from_dict(config.model.to_dict())
+
+
+def lr_schedule(opt_cfg, total_steps):
+    warmup = optax.linear_schedule(0.0, opt_cfg.learning_rate, max(int(opt_cfg.warmup_steps), 1))
+    if opt_cfg.decay == "constant":
+        after = optax.constant_schedule(opt_cfg.learning_rate)
+    elif opt_cfg.decay == "cosine":
+        after = optax.cosine_decay_schedule(opt_cfg.learning_rate, max(total_steps - opt_cfg.warmup_steps, 1))
+    else:
+        raise ValueError(f"optimizer.decay must be constant or cosine, got {opt_cfg.decay!r}")
+    return optax.join_schedules([warmup, after], [int(opt_cfg.warmup_steps)])
+
+
+def make_optimizer(opt_cfg, total_steps):
+    """Paper: Adafactor for the base model, Adam (0.9, 0.999, 1e-8) for the SR models; both after
+    global-norm clipping, lr 1e-4 with linear warm-up then constant or cosine."""
+    lr = lr_schedule(opt_cfg, total_steps)
+    if opt_cfg.name == "adam":
+        opt = optax.adam(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
+    elif opt_cfg.name == "adafactor":
+        opt = optax.adafactor(lr, multiply_by_parameter_scale=False)
+    else:
+        raise ValueError(f"optimizer.name must be adam or adafactor, got {opt_cfg.name!r}")
+    parts = [opt]
+    if opt_cfg.clip_norm and opt_cfg.clip_norm > 0:
+        parts.insert(0, optax.clip_by_global_norm(opt_cfg.clip_norm))
+    return optax.chain(*parts), lr
+
+
+def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def ema_decay(step, decay):
+    # Warm-up so early EMA weights are not dominated by the random initialisation.
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def drop_text(rng, text, mask, prob):
+    """Classifier-free guidance dropout: each example's text is replaced by the null prompt
+    (zero embeddings, all-padding mask) with probability `prob`."""
+    keep = jax.random.bernoulli(rng, 1.0 - prob, (text.shape[0],))
+    return text * keep[:, None, None].astype(text.dtype), mask & keep[:, None]
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything about one stage's training step on one mesh."""
+
+    config: Any
+    mesh: Any
+
+    def __post_init__(self):
+        c = self.config
+        self.model_cfg = model_config(c)
+        self.model = UNet(self.model_cfg)
+        self.tx, self.lr_fn = make_optimizer(c.optimizer, c.train.num_steps)
+        self.rules = parallel.rules_tuple(c.mesh.rules)
+        self.is_sr = c.diffusion.lowres_size > 0
+        self.text_len = int(c.text.max_length)
+        # Parameters, optimizer state and EMA, created sharded (never whole on one device).
+        abstract = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
+        self.param_shardings = parallel.logical_shardings(abstract, self.mesh, self.rules)
+        abstract_params = nn.meta.unbox(abstract)
+        parallel.check_sharded(abstract, self.param_shardings, self.mesh, c.mesh.min_shard_bytes)
+        self.abstract_params = abstract_params
+        self.state_shardings = self._state_shardings(abstract_params)
+        self.abstract_state = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+        self.init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self.batch_shardings = self.make_batch_shardings()
+        self.step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_shardings,
+                                                            parallel.replicated(self.mesh)),
+                            out_shardings=(self.state_shardings, parallel.replicated(self.mesh)),
+                            donate_argnums=(0,))
+
+    # ---------------------------------------------------------------- state
+    def _init_boxed(self, rng):
+        inputs = init_inputs(self.model_cfg, batch=1, text_len=self.text_len,
+                             image_size=self.config.data.image_size)
+        return self.model.init(rng, **inputs)["params"]
+
+    def _init_state(self, rng):
+        params = nn.meta.unbox(self._init_boxed(rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                          opt_state=self.tx.init(params), nonfinite_step=jnp.full((), -1, jnp.int32))
+
+    def _state_shardings(self, abstract_params):
+        rep = parallel.replicated(self.mesh)
+        opt_abstract = jax.eval_shape(self.tx.init, abstract_params)
+
+        def for_opt_leaf(leaf, sharding, param):
+            # Moments shaped like their parameter share its sharding; factored (Adafactor) or
+            # scalar statistics are small and replicated.
+            return sharding if getattr(leaf, "shape", None) == param.shape else rep
+
+        opt_shardings = optax.tree_map_params(
+            self.tx, for_opt_leaf, opt_abstract, self.param_shardings, abstract_params,
+            transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
+        return TrainState(step=rep, params=self.param_shardings, ema_params=self.param_shardings,
+                          opt_state=opt_shardings, nonfinite_step=rep)
+
+    def make_batch_shardings(self):
+        m = self.mesh
+        spec = {"image": parallel.batch_sharding(m, 4), "text": parallel.batch_sharding(m, 3),
+                "text_mask": parallel.batch_sharding(m, 2)}
+        if self.is_sr:
+            spec["lowres"] = parallel.batch_sharding(m, 4)
+        return spec
+
+    def batch_struct(self, global_batch):
+        """Abstract global batch (for ahead-of-time compilation)."""
+        c, s = self.config, self.config.data.image_size
+        dt = jnp.dtype(self.model_cfg.dtype)
+        out = {"image": jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.float32),
+               "text": jax.ShapeDtypeStruct((global_batch, self.text_len, self.model_cfg.text_dim), dt),
+               "text_mask": jax.ShapeDtypeStruct((global_batch, self.text_len), jnp.bool_)}
+        if self.is_sr:
+            ls = s * c.diffusion.lowres_size // (c.data.full_size or s)
+            out["lowres"] = jax.ShapeDtypeStruct((global_batch, ls, ls, 3), jnp.float32)
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k]) for k, v in out.items()}
+
+    # ---------------------------------------------------------------- step
+    def loss_fn(self, params, batch, rng):
+        c = self.config
+        drop_rng, aug_rng, aug_noise_rng, loss_rng, dropout_rng = jax.random.split(rng, 5)
+        text, mask = drop_text(drop_rng, batch["text"], batch["text_mask"].astype(bool), c.diffusion.cond_drop_prob)
+        x0 = batch["image"]
+        kw = {}
+        if self.is_sr:
+            lowres = upsample_lowres(batch["lowres"], x0.shape[1])
+            if c.diffusion.noise_aug:
+                # Noise conditioning augmentation: corrupt the conditioning image at a level drawn
+                # per example from U(0, 1) and tell the network that level.
+                aug_logsnr = diffusion.sample_logsnr(aug_rng, x0.shape[0], c.diffusion.schedule)
+                noise = jax.random.normal(aug_noise_rng, lowres.shape, jnp.float32)
+                lowres = schedules.q_sample(lowres, aug_logsnr, noise)
+            else:
+                aug_logsnr = jnp.full((x0.shape[0],), schedules.LOGSNR_MAX)
+            kw = dict(lowres=lowres, lowres_logsnr=aug_logsnr)
+
+        def apply_fn(x_t, logsnr):
+            return self.model.apply({"params": params}, x_t, logsnr, text, mask, train=True,
+                                    rngs={"dropout": dropout_rng}, **kw)
+
+        with nn.logical_axis_rules(self.rules):
+            per_example = diffusion.diffusion_loss(
+                apply_fn, x0, loss_rng, schedule=c.diffusion.schedule, prediction=c.diffusion.prediction,
+                weighting=c.diffusion.weighting, min_snr_gamma=c.diffusion.min_snr_gamma)
+        return jnp.mean(per_example)
+
+    def _train_step(self, state, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        loss, grads = jax.value_and_grad(self.loss_fn)(state.params, batch, rng)
+        grad_norm = global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = ema_decay(state.step, self.config.optimizer.ema_decay)
+        ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1, params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~ok, state.step, state.nonfinite_step))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": self.lr_fn(state.step)}
+        return new_state, metrics
+
+
+def count_state_params(abstract_params):
+    return sum(x.size for x in jax.tree_util.tree_leaves(abstract_params))
+
+

@@ -1,0 +1,54 @@
+"""Test helpers: tiny stage workdirs with random parameters, without running the data pipeline."""
+import importlib
+
+import jax
+import numpy as np
+
+from imagen_jax import checkpoints, parallel, training
+
+
+def tiny_config(stage, **overrides):
+    """configs/<stage>.py:tiny with a short text length; overrides as {'train.batch_size': 8}."""
+    c = importlib.import_module(f"configs.{stage}").get_config("tiny")
+    c.text.max_length = 16
+    c.train.sample_every = 0
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def make_workdir(workdir, stage, *, seed=0, step=1, vocab=None, mesh_cfg=None, perturb=0.02, **overrides):
+    """Writes config.json and one checkpoint (random params; EMA = params + noise so that the
+    zero-initialised output layers do not make every sample identical) into `workdir`."""
+    c = tiny_config(stage, **overrides)
+    if vocab:
+        c.text.vocab = vocab
+    mesh = parallel.make_mesh(mesh_cfg or {"data": -1, "fsdp": 1, "tensor": 1})
+    trainer = training.Trainer(c, mesh)
+    state = trainer.init(jax.random.PRNGKey(seed))
+    leaves, tree = jax.tree_util.tree_flatten(state.params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
+    noisy = jax.tree_util.tree_unflatten(
+        tree, [x + perturb * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    noisy = jax.device_put(noisy, trainer.state_shardings.params)
+    state = state.replace(params=noisy, ema_params=noisy, step=state.step + step)
+    checkpoints.save_config(str(workdir), c)
+    mngr = checkpoints.manager(str(workdir), async_save=False)
+    checkpoints.save(mngr, step, state, {"step": step, "data_position": step})
+    mngr.wait_until_finished()
+    mngr.close()
+    return c, state
+
+
+def shapes_vocab(tmp_path):
+    """The demo SentencePiece vocabulary, trained once into tmp_path."""
+    from imagen_jax import conditioning
+    return conditioning.demo_vocab(str(tmp_path / "shapes_spm"))
+
+
+def random_batch(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
