@@ -25,6 +25,9 @@ def maybe_initialize_distributed():
     if os.environ.get("IMAGEN_JAX_DISTRIBUTED", "0") == "1":
         jax.distributed.initialize()
     elif os.environ.get("IMAGEN_JAX_COORDINATOR"):
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            # CPU processes (tests, laptops) need an explicit cross-process collectives backend.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=os.environ["IMAGEN_JAX_COORDINATOR"],
             num_processes=int(os.environ["IMAGEN_JAX_NUM_PROCESSES"]),

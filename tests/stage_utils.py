@@ -30,10 +30,10 @@ def make_workdir(workdir, stage, *, seed=0, step=1, vocab=None, mesh_cfg=None, p
     mesh = parallel.make_mesh(mesh_cfg or {"data": -1, "fsdp": 1, "tensor": 1})
     trainer = training.Trainer(c, mesh)
     state = trainer.init(jax.random.PRNGKey(seed))
-    leaves, tree = jax.tree_util.tree_flatten(state.params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
-    noisy = jax.tree_util.tree_unflatten(
-        tree, [x + perturb * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    # Noise drawn on the host: one numpy draw per parameter instead of one compiled op each.
+    rng = np.random.default_rng(seed + 100)
+    noisy = jax.tree_util.tree_map(lambda x: (x + perturb * rng.standard_normal(x.shape)).astype(x.dtype),
+                                   jax.device_get(state.params))
     noisy = jax.device_put(noisy, trainer.state_shardings.params)
     state = state.replace(params=noisy, ema_params=noisy, step=state.step + step)
     checkpoints.save_config(str(workdir), c)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -101,9 +102,14 @@ def train_sentencepiece(captions: Iterable[str], out_prefix: str | os.PathLike,
         raise ValueError("train_sentencepiece needs at least one non-empty caption")
     out_prefix = os.fspath(out_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+    try:  # sentencepiece writes its log to stderr's file descriptor; a replaced stderr has none
+        sys.stderr.fileno()
+        log_ok = True
+    except (AttributeError, OSError, ValueError):
+        log_ok = False
     with open(os.devnull, "w") as quiet:
         spm.SentencePieceTrainer.Train(
-            logstream=quiet,
+            logstream=quiet if log_ok else None,
             sentence_iterator=iter(captions),
             model_prefix=out_prefix,
             model_type=model_type,
