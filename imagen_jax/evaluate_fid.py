@@ -1,0 +1,152 @@
+"""Zero-shot FID (and CLIP score) of a cascade on COCO 2014 validation captions.
+
+    python -m imagen_jax.evaluate_fid --stages BASE64_DIR,SR256_DIR \\
+        --inception pt_inception-2015-12-05-6726825d.pth --coco tfds --workdir EVAL_DIR \\
+        [--num_samples 30000 --guidance 1.35,8 --steps 256,128 --sampler ddpm --seed 0] \\
+        [--sweep 1,1.25,1.5,2,3,4,5,6,7,8,9,10 --sweep_samples 10000] \\
+        [--shard_size 1000 --batch_size 0 --save_images --reference_count N --resolution 256] \\
+        [--clip CLIP_DIR] [--cache_dir DIR]
+
+--coco: 'tfds' (TFDS coco_captions, all val2014 images), 'tfds:NAME', or a directory with
+captions_val2014.json and val2014/. --inception: pytorch-fid's FID Inception weights
+(https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth).
+--clip: a local Hugging Face CLIP directory (e.g. openai/clip-vit-large-patch14); without it the
+CLIP score is skipped.
+
+Writes EVAL_DIR/fid.json (FID, CLIP score, every setting and seed, software versions) and, with
+--sweep, EVAL_DIR/sweep.{json,md,png} (FID per base-stage guidance weight on --sweep_samples
+captions). Rerunning the same command resumes an interrupted run: finished shards are kept. The
+protocol and the EVAL_DIR layout are described in imagen_jax/evaluation/protocol.py.
+Prints `FID <value> on <N> samples` at the end; exit status 1 with `error: ...` on bad input,
+2 on bad flags.
+"""
+import argparse
+import os
+import sys
+
+TFDS_DEFAULT = "tfds:coco_captions"
+
+
+def _floats(text):
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m imagen_jax.evaluate_fid", description=__doc__.split("\n")[0])
+    p.add_argument("--stages", required=True,
+                   help="Comma-separated stage directories (workdirs or bundles), base first.")
+    p.add_argument("--inception", required=True, help="pytorch-fid's FID Inception weights (.pth) or a converted .npz.")
+    p.add_argument("--coco", required=True,
+                   help="'tfds', 'tfds:NAME' or a COCO directory (captions_val2014.json + val2014/).")
+    p.add_argument("--workdir", required=True, help="Output directory EVAL_DIR (created; resumed if present).")
+    p.add_argument("--num_samples", type=int, default=30000,
+                   help="Captions (one image each) of the main run; 0: sweep only.")
+    p.add_argument("--caption_seed", type=int, default=0,
+                   help="Seed of the caption draw (and of --reference_count's subset).")
+    p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    p.add_argument("--steps", default=None, help="Steps per stage, comma-separated (default: each stage's config).")
+    p.add_argument("--guidance", default=None, help="Guidance weight per stage (default: each stage's config).")
+    p.add_argument("--sampler", default=None, help="ddpm | ddim, one for all stages or one per stage.")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta.")
+    p.add_argument("--thresholding", default=None,
+                   help="none | static | dynamic, one or one per stage (default dynamic).")
+    p.add_argument("--percentile", type=float, default=99.5, help="Dynamic-thresholding percentile.")
+    p.add_argument("--aug_level", default=None, help="Noise-augmentation level per SR stage, in [0, 1] (default 0).")
+    p.add_argument("--batch_size", type=int, default=0,
+                   help="Images per sampling batch (0: up to 64, a multiple of the devices).")
+    p.add_argument("--shard_size", type=int, default=1000, help="Images per resumable shard.")
+    p.add_argument("--inception_batch", type=int, default=50, help="Images per Inception batch.")
+    p.add_argument("--resolution", type=int, default=256,
+                   help="Side of the compared images (samples are resized to it).")
+    p.add_argument("--reference_count", type=int, default=None, help="Reference images (default: all of val2014).")
+    p.add_argument("--save_images", action="store_true", help="Also write every sample as a PNG.")
+    p.add_argument("--cache_dir", default=None,
+                   help="Reference statistics / converted weights cache (default EVAL_DIR/cache).")
+    p.add_argument("--tfds_data_dir", default=None, help="TFDS data_dir for --coco tfds.")
+    p.add_argument("--sweep", type=_floats, default=None, help="Base-stage guidance weights to sweep, comma-separated.")
+    p.add_argument("--sweep_samples", type=int, default=10000, help="Captions per guidance weight of the sweep.")
+    p.add_argument("--clip", default=None, help="Local Hugging Face CLIP directory for the CLIP score (optional).")
+    p.add_argument("--clip_device", default="auto", help="torch device of the CLIP model (auto: cuda if available).")
+    p.add_argument("--clip_batch", type=int, default=32, help="Images per CLIP batch.")
+    p.add_argument("--quiet", action="store_true", help="No progress bar.")
+    args = p.parse_args(argv)
+    if args.num_samples == 0 and not args.sweep:
+        p.error("--num_samples 0 needs --sweep (nothing to evaluate)")
+    if args.sweep and args.sweep_samples < 2:
+        p.error("--sweep_samples must be >= 2")
+    if args.clip_batch < 1:
+        p.error("--clip_batch must be >= 1")
+    return args
+
+
+def run(args, log=print):
+    """Loads everything (cheap checks first), evaluates; returns {'fid': record, 'sweep': record}."""
+    import jax
+
+    from imagen_jax import cascade, conditioning, parallel
+    from imagen_jax.evaluation import inception, protocol
+    from imagen_jax.sampling import settings_for
+
+    coco_source = TFDS_DEFAULT if args.coco == "tfds" else args.coco
+    proto = protocol.Protocol(
+        coco=coco_source, num_samples=args.num_samples, caption_seed=args.caption_seed, seed=args.seed,
+        shard_size=args.shard_size, batch_size=args.batch_size, resolution=args.resolution,
+        reference_count=args.reference_count, inception_batch=args.inception_batch,
+        save_images=args.save_images, tfds_data_dir=args.tfds_data_dir)
+    if not coco_source.startswith("tfds:") and not os.path.isdir(coco_source):
+        raise protocol.ProtocolError(f"--coco {coco_source!r} is not a directory (nor 'tfds' / 'tfds:NAME')")
+    cache_dir = os.path.abspath(args.cache_dir or os.path.join(args.workdir, "cache"))
+
+    # Cheap failures first: weights, stage directories and their order, settings.
+    params = inception.load(args.inception, cache_path=os.path.join(cache_dir, "fid_inception.npz"))
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    stage_dirs = [d for d in args.stages.split(",") if d.strip()]
+    stages = [cascade.load_stage(d, mesh) for d in stage_dirs]
+    cascade.check_chain(stages)
+    settings = settings_for(stages, steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
+                            thresholding=args.thresholding, percentile=args.percentile, aug_level=args.aug_level)
+    clip = None
+    if args.clip:
+        clip = protocol.ClipScorer(args.clip, device=args.clip_device, batch_size=args.clip_batch)
+        log(f"CLIP score: {args.clip} on {clip.device}")
+    else:
+        log("CLIP score: skipped (pass --clip with a local Hugging Face CLIP directory to compute it)")
+    samplers = [cascade.StageSampler(st, mesh, s) for st, s in zip(stages, settings)]
+    cond = conditioning.build(stages[0].config, workdir=stages[0].source, mesh=None)
+    log(f"text encoder: {cond.description}; {jax.device_count()} {jax.devices()[0].device_kind} devices")
+
+    evaluator = protocol.Evaluator(args.workdir, proto, samplers=samplers, cond=cond, inception_params=params,
+                                   mesh=mesh, clip=clip, cache_dir=cache_dir, progress=not args.quiet, log=log)
+    evaluator.reference()  # a short or broken COCO source fails here, before any sampling
+    extra = {"text_encoder": cond.description, "inception_weights": os.path.abspath(args.inception),
+             "command": "python -m imagen_jax.evaluate_fid " + " ".join(args.argv)}
+    out = {"fid": None, "sweep": None}
+    if args.num_samples:
+        out["fid"] = evaluator.evaluate(extra)
+    if args.sweep:
+        out["sweep"] = evaluator.sweep(args.sweep, args.sweep_samples, extra)
+    return out
+
+
+def main(argv=None):
+    """Returns the exit status: 0, 1 on bad input (weights, stages, COCO source, settings), 2 on bad flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse has printed its usage message
+        return int(e.code or 0)
+    args.argv = argv
+    try:
+        run(args)
+    except (ValueError, OSError, ImportError) as e:  # ProtocolError, CascadeError, CheckpointError, UsageError
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

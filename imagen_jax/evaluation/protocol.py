@@ -1,0 +1,558 @@
+"""Zero-shot FID on COCO 2014 validation captions: the protocol, guidance sweeps, CLIP score.
+
+The protocol (COCO FID-30K of Imagen, Saharia et al. 2022, as in GLIDE and DALL-E 2):
+  1. captions: `num_samples` (30,000) captions drawn uniformly, without replacement, from all
+     COCO val2014 captions by a seeded NumPy Generator (`coco.sample_captions`); the draw is
+     saved as EVAL_DIR/captions.json.
+  2. reference: FID statistics of all val2014 images (or `reference_count` of them, drawn with
+     the caption seed), preprocessed as coco.py documents (RGB, centre square crop, PIL BICUBIC
+     resize to the evaluation resolution), computed once and cached.
+  3. samples: one image per caption through the cascade (`cascade.run_cascade`, data-parallel
+     over the mesh). If the last stage's side is not the evaluation resolution, its uint8 images
+     are resized with PIL's BICUBIC filter, the reference images' filter (PIL antialiases when
+     shrinking, e.g. 1024 -> 256; it interpolates when enlarging, e.g. 64 -> 256).
+  4. FID: Frechet distance between Gaussians fitted to the FID Inception's pool3 features of the
+     samples and of the reference images (`fid.frechet_distance`, pytorch-fid's definition).
+  Optionally, CLIP score: the mean over samples of 100 * cos(CLIP image embedding, CLIP text
+  embedding of its caption), from a local Hugging Face CLIP model (not clamped at 0).
+
+Resuming: samples are made shard by shard (`FeatureStore`): shard i holds the features of
+captions [i * shard_size, (i + 1) * shard_size), is generated with the seed
+`shard_seed(seed, i)`, and is written atomically once its images, features (and CLIP scores)
+are done. A rerun computes only the missing shards; with the same devices and batch size its
+images are those an uninterrupted run would have made. Each samples directory keeps a run.json
+of everything that decides its images and features; a rerun with other settings is refused.
+
+EVAL_DIR layout:
+  captions.json                 the caption draw (seed, indices, texts)
+  cache/                        reference statistics, converted Inception weights (or cache_dir)
+  samples/                      feature shards of the main run, run.json, clip/, images/
+  fid.json                      FID, CLIP score, every setting and seed, software versions
+  sweep/captions.json           the sweep's caption draw (same seed, sweep_samples captions)
+  sweep/guidance_<w>/           feature shards per guidance weight
+  sweep.json, sweep.md, sweep.png   the sweep: table and plot of FID (and CLIP) vs guidance
+
+Single host: every local device samples, this process writes the files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from imagen_jax import cascade, parallel
+from imagen_jax.evaluation import coco, fid, inception
+from imagen_jax.evaluation.features import FeatureStore
+
+RESIZE_FILTER = "PIL BICUBIC (antialiased when shrinking), the reference images' filter"
+VERSION_PACKAGES = ("jax", "jaxlib", "flax", "numpy", "scipy", "pillow", "orbax-checkpoint",
+                    "torch", "transformers", "tensorflow-datasets")
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """The settings that decide which captions, reference images and samples a run uses."""
+
+    coco: str                      # a COCO directory or 'tfds:coco_captions' (see coco.py)
+    num_samples: int = 30000       # captions (one image each) of the main run; 0 = sweep only
+    caption_seed: int = 0          # caption draw (and reference subset, with reference_count)
+    seed: int = 0                  # sampling noise; shard i uses shard_seed(seed, i)
+    shard_size: int = 1000         # images per resumable shard
+    batch_size: int = 0            # images per sampling batch (0: cascade.run_cascade's default)
+    resolution: int = 256          # side of the images compared (reference and samples)
+    reference_count: int | None = None  # None: every val2014 image
+    inception_batch: int = 50      # images per Inception batch (rounded up to the device count)
+    save_images: bool = False      # also write each sample as a PNG
+    tfds_data_dir: str | None = None
+
+    def __post_init__(self):
+        if self.num_samples < 0:
+            raise ProtocolError(f"num_samples must be >= 0, got {self.num_samples}")
+        for name in ("shard_size", "resolution", "inception_batch"):
+            if getattr(self, name) < 1:
+                raise ProtocolError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 0:
+            raise ProtocolError(f"batch_size must be >= 0, got {self.batch_size}")
+        if self.reference_count is not None and self.reference_count < 2:
+            raise ProtocolError(f"reference_count must be >= 2 (a covariance needs two images), "
+                                f"got {self.reference_count}")
+
+
+def shard_seed(seed: int, index: int) -> int:
+    """The sampling seed of shard `index`: SeedSequence([seed, index]) -> 31-bit int."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, H, H, 3] -> uint8 [N, size, size, 3] with PIL BICUBIC; unchanged if H == size."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.dtype != np.uint8:
+        raise ProtocolError(f"expected square uint8 images [N, H, H, 3], got {images.dtype} {images.shape}")
+    if images.shape[1] == size:
+        return images
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), resample=coco.RESAMPLE))
+                     for x in images]) if len(images) else np.zeros((0, size, size, 3), np.uint8)
+
+
+def software_versions() -> dict[str, str]:
+    """Python, platform and the installed versions of the packages that shape the numbers."""
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        out["imagen_jax_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def fid_to_reference(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """FID of features [N, 2048] against reference statistics mu [2048], sigma [2048, 2048]."""
+    return fid.frechet_distance(*fid.statistics(features), mu, sigma)
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _check_run_file(directory: str, settings: dict) -> None:
+    """Write directory/run.json, or refuse if it holds other settings (a resumed run must match)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "run.json")
+    settings = json.loads(json.dumps(settings))  # normalise tuples, ints-as-floats etc.
+    if os.path.exists(path):
+        with open(path) as f:
+            found = json.load(f)
+        if found != settings:
+            diff = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+            raise ProtocolError(
+                f"{directory} holds samples made with other settings ({', '.join(diff)} differ: "
+                f"{ {k: found.get(k) for k in diff} } there, { {k: settings.get(k) for k in diff} } now); "
+                "use a fresh --workdir or the original settings")
+    else:
+        _write_json(path, settings)
+
+
+# ----------------------------------------------------------------------------
+# CLIP score
+# ----------------------------------------------------------------------------
+
+
+class ClipScorer:
+    """CLIP score of (image, caption) pairs: 100 * cos(image embedding, text embedding).
+
+    path: a local Hugging Face CLIP directory (config.json, weights, tokenizer and preprocessor
+    files, as `save_pretrained` writes them), read by transformers' CLIPModel/CLIPProcessor with
+    local_files_only=True. Runs in torch (float32) on `device` ('auto': CUDA if available).
+    """
+
+    def __init__(self, path: str, *, device: str = "auto", batch_size: int = 32):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"CLIP model directory {path!r} does not exist; expected a Hugging Face CLIP "
+                "directory (e.g. openai/clip-vit-large-patch14 saved with save_pretrained)")
+        try:
+            import torch
+            from transformers import CLIPModel, CLIPProcessor
+        except ImportError as e:
+            raise ImportError("--clip needs torch and transformers (pip install torch transformers)") from e
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.torch, self.device, self.batch_size, self.source = torch, device, int(batch_size), path
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().to(device)
+        self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        self.max_length = int(self.model.config.text_config.max_position_embeddings)
+
+    def __call__(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """uint8 [N, H, W, 3] and N captions -> float64 [N] scores (captions cut to CLIP's context)."""
+        if len(images) != len(texts):
+            raise ProtocolError(f"{len(images)} images but {len(texts)} captions")
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.processor(
+                text=list(texts[start:start + self.batch_size]),
+                images=list(images[start:start + self.batch_size]),
+                return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.torch.no_grad():
+                res = self.model(**batch)  # image_embeds / text_embeds come L2-normalised
+            cos = (res.image_embeds * res.text_embeds).sum(-1)
+            out.append(100.0 * cos.double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0,), np.float64)
+
+
+# ----------------------------------------------------------------------------
+# The evaluator
+# ----------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Samples captions through a cascade and scores the samples against COCO val2014.
+
+    samplers: cascade.StageSampler per stage (base first), built on `mesh`; cond: the text
+    conditioner (captions -> (embeddings, mask)); inception_params: `inception.load(...)`;
+    clip: an optional ClipScorer. Everything is written under `workdir` (see module docstring).
+    """
+
+    def __init__(self, workdir: str, protocol: Protocol, *, samplers: Sequence[cascade.StageSampler],
+                 cond: Callable, inception_params, mesh, clip: ClipScorer | None = None,
+                 cache_dir: str | None = None, progress: bool = True, log: Callable = print):
+        if jax.process_count() > 1:
+            raise ProtocolError("FID evaluation runs on one host (all its devices); "
+                                f"got {jax.process_count()} processes")
+        self.workdir, self.protocol = os.path.abspath(workdir), protocol
+        self.samplers, self.cond, self.mesh, self.clip = list(samplers), cond, mesh, clip
+        self.cache_dir = os.path.abspath(cache_dir or os.path.join(self.workdir, "cache"))
+        self.progress, self.log = progress, log or (lambda *a, **k: None)
+        os.makedirs(self.workdir, exist_ok=True)
+        # Placed once; inception.features then finds the weights already on the devices.
+        self.inception_params = jax.device_put(inception_params, parallel.replicated(mesh))
+        self._captions: list[coco.Caption] | None = None
+        self._reference = None
+        self._inception_id = None
+
+    # -- inputs ------------------------------------------------------------------
+
+    def all_captions(self) -> list[coco.Caption]:
+        if self._captions is None:
+            self._captions = coco.load_captions(self.protocol.coco, data_dir=self.protocol.tfds_data_dir)
+            if not self._captions:
+                raise ProtocolError(f"COCO source {self.protocol.coco!r} has no captions")
+        return self._captions
+
+    def draw_captions(self, n: int, path: str) -> coco.CaptionSample:
+        """`n` captions drawn with the caption seed; saved to `path`, or checked against it."""
+        caps = self.all_captions()
+        if n > len(caps):
+            raise ProtocolError(f"asked for {n} captions, but COCO source {self.protocol.coco!r} "
+                                f"has only {len(caps)}")
+        sample = coco.sample_captions(caps, n, self.protocol.caption_seed)
+        if os.path.exists(path):
+            if coco.CaptionSample.load(path) != sample:
+                raise ProtocolError(f"{path} holds another caption draw (other seed, count or COCO "
+                                    "source); use a fresh --workdir")
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            sample.save(path)
+        return sample
+
+    def inception_id(self) -> str:
+        """A fingerprint of the Inception weights (as keyed in the reference cache)."""
+        if self._inception_id is None:
+            _, key = coco.reference_cache_file(self.cache_dir, self.protocol.coco, None,
+                                               self.protocol.resolution, 0, self.inception_params)
+            self._inception_id = key["inception"]
+        return self._inception_id
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(mu, sigma, info) of the reference images; computed once, then read from the cache."""
+        if self._reference is None:
+            p = self.protocol
+            path, _ = coco.reference_cache_file(self.cache_dir, p.coco, p.reference_count, p.resolution,
+                                                p.caption_seed, self.inception_params)
+            if not os.path.exists(path):
+                self.log(f"reference statistics: computing from {p.coco} "
+                         f"({'all' if p.reference_count is None else p.reference_count} images, "
+                         f"{p.resolution}px) into {path}")
+            mu, sigma = coco.reference_statistics(
+                p.coco, self.inception_params, self.cache_dir, count=p.reference_count,
+                size=p.resolution, seed=p.caption_seed, batch_size=p.inception_batch,
+                data_dir=p.tfds_data_dir, mesh=self.mesh)
+            meta = fid.load_statistics_meta(path)
+            info = {"source": p.coco, "num_images": int(meta.get("num_images", -1)),
+                    "count": "all" if p.reference_count is None else p.reference_count,
+                    "subset_seed": p.caption_seed if p.reference_count is not None else None,
+                    "preprocessing": coco.PREPROCESSING, "resolution": p.resolution,
+                    "statistics_file": path}
+            self._reference = (mu, sigma, info)
+        return self._reference
+
+    # -- sampling -------------------------------------------------------------------
+
+    def stage_records(self) -> list[dict]:
+        return [{"source": os.path.abspath(s.stage.source), "step": int(s.stage.step),
+                 "resolution": int(s.stage.image_size), **dataclasses.asdict(s.settings)}
+                for s in self.samplers]
+
+    def generate(self, texts: Sequence[str], seed: int) -> np.ndarray:
+        """Captions -> uint8 [N, R, R, 3] at the evaluation resolution R, through the cascade."""
+        chunk = max(self.protocol.batch_size, 64)
+        embs, masks = [], []
+        for start in range(0, len(texts), chunk):  # bounded text-encoder batches
+            e, m = self.cond(list(texts[start:start + chunk]))
+            embs.append(np.asarray(e))
+            masks.append(np.asarray(m))
+        outputs, _ = cascade.run_cascade(self.samplers, np.concatenate(embs), np.concatenate(masks), seed,
+                                         batch_size=self.protocol.batch_size or None, log=None, progress=False)
+        return resize(outputs[-1], self.protocol.resolution)
+
+    def sample_and_score(self, captions: coco.CaptionSample, directory: str, desc: str) -> dict:
+        """Fill the feature shards of `captions` under `directory` (resuming), return
+        {'features' [N, 2048], 'clip' [N] or None, 'shards_computed', 'seconds', 'images_per_second'}."""
+        p = self.protocol
+        n = len(captions.captions)
+        texts = captions.texts
+        _check_run_file(directory, {
+            "captions_seed": captions.seed, "num_captions": n, "coco": p.coco,
+            "captions_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
+            "seed": p.seed, "shard_size": p.shard_size, "resolution": p.resolution,
+            "stages": self.stage_records(), "inception": self.inception_id()})
+        store = FeatureStore(directory, n, p.shard_size, inception.FEATURE_DIM)
+        clip_store = None
+        if self.clip is not None:
+            clip_store = FeatureStore(os.path.join(directory, "clip"), n, p.shard_size, 1)
+            _check_run_file(clip_store.workdir, {"clip": os.path.abspath(self.clip.source)})
+        todo = sorted(set(store.missing()) | set(clip_store.missing() if clip_store else []))
+        done_images = n - sum(stop - start for start, stop in map(store.shard_range, todo))
+        if todo and done_images:
+            self.log(f"{desc}: resuming, {store.num_shards - len(todo)} of {store.num_shards} shards done")
+        image_dir = os.path.join(directory, "images")
+        if p.save_images:
+            os.makedirs(image_dir, exist_ok=True)
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, initial=done_images, desc=desc, unit="img", disable=not self.progress,
+                   smoothing=0.1)
+        t0, made = time.time(), 0
+        for index in todo:
+            start, stop = store.shard_range(index)
+            images = self.generate(texts[start:stop], shard_seed(p.seed, index))
+            if p.save_images:
+                for i, img in zip(range(start, stop), images):
+                    Image.fromarray(img).save(os.path.join(image_dir, f"{i:05d}.png"))
+            feats = inception.features(self.inception_params, images, batch_size=p.inception_batch,
+                                       mesh=self.mesh)
+            if clip_store is not None:
+                clip_store.write(index, self.clip(images, texts[start:stop])[:, None])
+            store.write(index, feats)  # last: a finished feature shard means its other outputs are there
+            made += stop - start
+            bar.update(stop - start)
+        bar.close()
+        seconds = time.time() - t0
+        return {"features": store.concatenate(),
+                "clip": clip_store.concatenate()[:, 0].astype(np.float64) if clip_store else None,
+                "shards_computed": todo, "seconds": seconds,
+                "images_per_second": made / seconds if made and seconds > 0 else None}
+
+    def score(self, captions: coco.CaptionSample, directory: str, desc: str) -> dict:
+        """FID (and mean CLIP score) of one caption set; see `sample_and_score`."""
+        res = self.sample_and_score(captions, directory, desc)
+        mu, sigma, _ = self.reference()
+        value = fid_to_reference(res["features"], mu, sigma)
+        clip = None if res["clip"] is None else float(np.mean(res["clip"]))
+        return {"fid": float(value), "clip_score": clip, "num_samples": len(captions.captions),
+                "shards_computed": len(res["shards_computed"]), "seconds": round(res["seconds"], 3),
+                "images_per_second": res["images_per_second"]}
+
+    def _record(self, extra: dict | None) -> dict:
+        p = self.protocol
+        _, _, ref = self.reference()
+        devices = jax.devices()
+        return {
+            "protocol": "zero-shot FID, COCO 2014 val captions (Imagen COCO FID-30K)",
+            "resolution": p.resolution, "resize_filter": RESIZE_FILTER,
+            "captions": {"source": p.coco, "seed": p.caption_seed,
+                         "num_available": len(self.all_captions())},
+            "reference": ref,
+            "generation": {"seed": p.seed, "shard_seed": "SeedSequence([seed, shard]) & 0x7fffffff",
+                           "shard_size": p.shard_size, "batch_size": p.batch_size,
+                           "stages": self.stage_records()},
+            "inception": {"fingerprint": self.inception_id(), "batch_size": p.inception_batch},
+            "clip_model": os.path.abspath(self.clip.source) if self.clip else None,
+            "devices": {"count": len(devices), "kind": devices[0].device_kind,
+                        "platform": devices[0].platform},
+            "versions": software_versions(),
+            **(extra or {}),
+        }
+
+    # -- the two results -------------------------------------------------------
+
+    def evaluate(self, extra: dict | None = None) -> dict:
+        """The main run: FID of num_samples captions -> EVAL_DIR/fid.json (returned)."""
+        p = self.protocol
+        if p.num_samples < 2:
+            raise ProtocolError(f"num_samples must be >= 2 for a covariance, got {p.num_samples}")
+        captions = self.draw_captions(p.num_samples, os.path.join(self.workdir, "captions.json"))
+        self.reference()  # before sampling: a bad COCO source fails before hours of sampling
+        res = self.score(captions, os.path.join(self.workdir, "samples"), "FID samples")
+        record = {**res, **self._record(extra), "captions_file": os.path.join(self.workdir, "captions.json")}
+        _write_json(os.path.join(self.workdir, "fid.json"), record)
+        clip = "" if res["clip_score"] is None else f", CLIP score {res['clip_score']:.2f}"
+        self.log(f"FID {res['fid']:.3f} on {res['num_samples']} samples{clip} -> "
+                 f"{os.path.join(self.workdir, 'fid.json')}")
+        return record
+
+    def sweep(self, weights: Sequence[float], num_samples: int, extra: dict | None = None) -> dict:
+        """FID (and CLIP score) per base-stage guidance weight on `num_samples` captions.
+
+        The same captions and seeds for every weight (common random numbers: differences come
+        from the weight). The compiled base sampler is reused: guidance is a traced input of its
+        program. Writes sweep.json, sweep.md and sweep.png under EVAL_DIR; returns the record.
+        """
+        if not weights:
+            raise ProtocolError("no guidance weights to sweep")
+        bad = [w for w in weights if not math.isfinite(w)]
+        if bad:
+            raise ProtocolError(f"guidance weights must be finite, got {bad}")
+        if num_samples < 2:
+            raise ProtocolError(f"sweep_samples must be >= 2, got {num_samples}")
+        sweep_dir = os.path.join(self.workdir, "sweep")
+        captions = self.draw_captions(num_samples, os.path.join(sweep_dir, "captions.json"))
+        self.reference()
+        base = self.samplers[0]
+        original = base.settings
+        rows = []
+        try:
+            for w in weights:
+                base.settings = dataclasses.replace(original, guidance=float(w))
+                res = self.score(captions, os.path.join(sweep_dir, f"guidance_{w:g}"), f"guidance {w:g}")
+                rows.append({"guidance": float(w), **res})
+                clip = "" if res["clip_score"] is None else f", CLIP score {res['clip_score']:.2f}"
+                self.log(f"guidance {w:g}: FID {res['fid']:.3f}{clip}")
+        finally:
+            base.settings = original
+        record = {"rows": rows, "num_samples": num_samples, "guidance_applies_to": "base stage",
+                  **self._record(extra), "captions_file": os.path.join(sweep_dir, "captions.json")}
+        _write_json(os.path.join(self.workdir, "sweep.json"), record)
+        table = sweep_table(rows)
+        _write_text(os.path.join(self.workdir, "sweep.md"), table)
+        plot_sweep(rows, os.path.join(self.workdir, "sweep.png"),
+                   title=f"zero-shot FID, COCO val2014, {num_samples} samples, {self.protocol.resolution}px")
+        self.log(table)
+        return record
+
+
+# ----------------------------------------------------------------------------
+# Sweep table and plot
+# ----------------------------------------------------------------------------
+
+
+def sweep_table(rows: Sequence[dict]) -> str:
+    """Markdown table: guidance | FID | CLIP score | samples."""
+    lines = ["| guidance | FID | CLIP score | samples |", "|---:|---:|---:|---:|"]
+    for r in rows:
+        clip = "-" if r.get("clip_score") is None else f"{r['clip_score']:.2f}"
+        lines.append(f"| {r['guidance']:g} | {r['fid']:.3f} | {clip} | {r['num_samples']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About `count` round tick values covering [lo, hi]."""
+    if not hi > lo:
+        lo, hi = lo - 1.0, hi + 1.0
+    raw = (hi - lo) / count
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def _panel(img: Image.Image, box: tuple[int, int, int, int], xs, ys, xlabel: str, ylabel: str,
+           labels: Sequence[str] | None = None) -> None:
+    """A line plot of ys against xs inside box = (left, top, right, bottom) of `img`."""
+    draw = ImageDraw.Draw(img)
+    small, big = _font(13), _font(15)
+    left, top, right, bottom = box
+    pts = [(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)]
+    ax_l, ax_t, ax_r, ax_b = left + 70, top + 10, right - 10, bottom - 50
+    draw.rectangle((ax_l, ax_t, ax_r, ax_b), outline="black")
+    if not pts:
+        draw.text((ax_l + 10, ax_t + 10), "no finite values", fill="black", font=small)
+        return
+    lo_x, hi_x = min(p[0] for p in pts), max(p[0] for p in pts)
+    lo_y, hi_y = min(p[1] for p in pts), max(p[1] for p in pts)
+    pad_x = 0.05 * (hi_x - lo_x) or 0.5
+    pad_y = 0.08 * (hi_y - lo_y) or max(abs(hi_y) * 0.05, 0.5)
+    lo_x, hi_x, lo_y, hi_y = lo_x - pad_x, hi_x + pad_x, lo_y - pad_y, hi_y + pad_y
+
+    def to_px(x, y):
+        return (ax_l + (x - lo_x) / (hi_x - lo_x) * (ax_r - ax_l),
+                ax_b - (y - lo_y) / (hi_y - lo_y) * (ax_b - ax_t))
+
+    for t in _nice_ticks(lo_x, hi_x):
+        px = to_px(t, lo_y)[0]
+        draw.line((px, ax_b, px, ax_b + 5), fill="black")
+        draw.line((px, ax_t, px, ax_b), fill=(230, 230, 230))
+        draw.text((px, ax_b + 8), f"{t:g}", fill="black", font=small, anchor="mt")
+    for t in _nice_ticks(lo_y, hi_y):
+        py = to_px(lo_x, t)[1]
+        draw.line((ax_l - 5, py, ax_l, py), fill="black")
+        draw.line((ax_l, py, ax_r, py), fill=(230, 230, 230))
+        draw.text((ax_l - 8, py), f"{t:g}", fill="black", font=small, anchor="rm")
+    draw.rectangle((ax_l, ax_t, ax_r, ax_b), outline="black")
+    coords = [to_px(x, y) for x, y in pts]
+    if len(coords) > 1:
+        draw.line(coords, fill=(31, 119, 180), width=2)
+    for i, (px, py) in enumerate(coords):
+        draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=(31, 119, 180))
+        if labels:  # right of the point, or left of it where it would leave the axes
+            right_side = px + 6 + draw.textlength(labels[i], font=small) < ax_r
+            draw.text((px + 6 if right_side else px - 6, py - 6), labels[i], fill=(90, 90, 90), font=small,
+                      anchor="lb" if right_side else "rb")
+    draw.text(((ax_l + ax_r) / 2, bottom - 8), xlabel, fill="black", font=big, anchor="md")
+    # Vertical y label: drawn on its own strip, rotated, pasted left of the tick labels.
+    w = int(draw.textlength(ylabel, font=big)) + 4
+    strip = Image.new("RGB", (w, 20), "white")
+    ImageDraw.Draw(strip).text((2, 2), ylabel, fill="black", font=big)
+    strip = strip.rotate(90, expand=True)
+    img.paste(strip, (left + 4, int((ax_t + ax_b) / 2 - strip.height / 2)))
+
+
+def plot_sweep(rows: Sequence[dict], path: str, *, title: str = "") -> None:
+    """PNG: FID vs guidance weight; with CLIP scores, a second panel FID vs CLIP score (the
+    trade-off curve of the Imagen paper, each point labelled with its weight). Drawn with PIL."""
+    ws = [r["guidance"] for r in rows]
+    fids = [r["fid"] for r in rows]
+    clips = [r.get("clip_score") for r in rows]
+    has_clip = all(c is not None for c in clips) and rows
+    panel_w, h = 560, 420
+    img = Image.new("RGB", (panel_w * (2 if has_clip else 1), h), "white")
+    ImageDraw.Draw(img).text((img.width / 2, 8), title, fill="black", font=_font(15), anchor="mt")
+    _panel(img, (0, 30, panel_w, h), ws, fids, "guidance weight", "FID")
+    if has_clip:
+        _panel(img, (panel_w, 30, 2 * panel_w, h), clips, fids, "CLIP score", "FID",
+               labels=[f"w={w:g}" for w in ws])
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+__all__ = ["ClipScorer", "Evaluator", "Protocol", "ProtocolError", "RESIZE_FILTER", "fid_to_reference",
+           "plot_sweep", "resize", "shard_seed", "software_versions", "sweep_table"]

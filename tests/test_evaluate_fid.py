@@ -1,0 +1,277 @@
+"""Zero-shot FID entry point on a tiny COCO-format fixture made here, with tiny random stages,
+random FID Inception weights and a tiny random CLIP: the result file, the features of the saved
+images, CLIP score against a direct computation, resuming after an interrupted shard, the
+guidance sweep (one compiled program per stage), and bad input."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagen_jax import cascade, evaluate_fid, parallel
+from imagen_jax.evaluation import coco, fid, inception, protocol
+from imagen_jax.evaluation.features import FeatureStore
+from stage_utils import make_workdir, shapes_vocab
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from test_inception import _random_fid_inception  # noqa: E402  (needs torch, pytorch-fid)
+
+# image id -> (width, height, mode, captions); 6 images, 12 captions, letters only (tiny CLIP vocab)
+_IMAGES = {
+    11: (40, 30, "RGB", ["a red circle on grey", "a round red shape"]),
+    5: (24, 48, "RGB", ["a tall blue square", "blue box"]),
+    23: (32, 32, "L", ["grey noise", "a gray tile"]),
+    8: (50, 20, "RGB", ["green stripes", "three green bars"]),
+    17: (36, 36, "RGB", ["a yellow triangle", "triangle in yellow"]),
+    2: (28, 40, "RGB", ["purple dots", "many small purple dots"]),
+}
+STEPS, GUIDANCE, RES = "2,2", "2,3", 32  # the 16 -> 64 cascade's output is resized to 32
+
+
+def _fast_fid(features, mu, sigma):
+    """Exact FID for N < D samples without a D x D matrix square root (SciPy's sqrtm of a
+    2048 x 2048 matrix takes ~30 s on 2 cores): with S1 = A^T A, A = (X - mean) / sqrt(N - 1),
+    the non-zero eigenvalues of S1 S2 are those of A S2 A^T [N, N], so
+    Tr sqrt(S1 S2) = sum sqrt(eig(A S2 A^T))."""
+    x = np.asarray(features, np.float64)
+    a = (x - x.mean(0)) / np.sqrt(len(x) - 1)
+    m = a @ sigma @ a.T
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    d = x.mean(0) - mu
+    return float(d @ d + np.einsum("ij,ij->", a, a) + np.trace(sigma) - 2 * tr_sqrt)
+
+
+def test_fast_fid_matches_frechet_distance():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 24))
+    y = rng.normal(size=(40, 24)) @ rng.normal(size=(24, 24)) + 0.5
+    mu, sigma = fid.statistics(y)
+    expected = fid.frechet_distance(*fid.statistics(x), mu, sigma)
+    assert _fast_fid(x, mu, sigma) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def fast_fid(monkeypatch):
+    monkeypatch.setattr(protocol, "fid_to_reference", _fast_fid)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_fid")
+    # COCO layout: captions_val2014.json + val2014/
+    cdir = root / "coco"
+    (cdir / "val2014").mkdir(parents=True)
+    images, annotations = [], []
+    for image_id, (w, h, mode, caps) in _IMAGES.items():
+        name = f"COCO_val2014_{image_id:012d}.png"
+        a = np.random.default_rng(image_id).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(a).convert(mode).save(cdir / "val2014" / name)
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+        annotations += [{"id": 100 * image_id + j, "image_id": image_id, "caption": c} for j, c in enumerate(caps)]
+    (cdir / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    # FID Inception: pytorch-fid's network with random weights, saved like the released file.
+    weights = str(root / "pt_inception-random.pth")
+    torch.save(_random_fid_inception().state_dict(), weights)
+    # Stages: base 16x16 and SR 16 -> 64, random parameters.
+    vocab = shapes_vocab(root)
+    base, sr = root / "base", root / "sr"
+    make_workdir(base, "base64", vocab=vocab)
+    make_workdir(sr, "sr256", vocab=vocab)
+    return dict(root=root, coco=str(cdir), weights=weights, base=str(base), sr=str(sr), clip=_tiny_clip(root),
+                cache=str(root / "shared_cache"))
+
+
+def _tiny_clip(root):
+    """A randomly initialised CLIP saved with save_pretrained (model, tokenizer, image processor)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tokens = list(letters) + [c + "</w>" for c in letters] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    (root / "clip_vocab.json").write_text(json.dumps(vocab))
+    (root / "clip_merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(root / "clip_vocab.json"), str(root / "clip_merges.txt"))
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ids = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+               pad_token_id=vocab["<|endoftext|>"])
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, **ids),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=8))
+    path = str(root / "clip")
+    model.save_pretrained(path)
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(path)
+    return path
+
+
+def _argv(env, workdir, *extra, stages=None):
+    return ["--stages", stages or f"{env['base']},{env['sr']}", "--inception", env["weights"], "--coco", env["coco"],
+            "--workdir", str(workdir), "--num_samples", "8", "--shard_size", "4", "--steps", STEPS,
+            "--guidance", GUIDANCE, "--resolution", str(RES), "--inception_batch", "8", "--seed", "3",
+            "--caption_seed", "1", "--quiet", *extra]
+
+
+def _direct_clip_scores(path, images, texts):
+    """100 * cos of CLIP embeddings, through the towers and projections directly."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+    proc = CLIPProcessor.from_pretrained(path, local_files_only=True)
+    x = proc(text=texts, images=list(images), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        v = model.visual_projection(model.vision_model(pixel_values=x["pixel_values"]).pooler_output)
+        t = model.text_projection(model.text_model(input_ids=x["input_ids"],
+                                                   attention_mask=x["attention_mask"]).pooler_output)
+    return 100 * torch.nn.functional.cosine_similarity(v, t).double().numpy()
+
+
+def test_end_to_end_resume_and_sweep(env, tmp_path, monkeypatch, capsys):
+    a = tmp_path / "a"
+    flags = ("--save_images", "--clip", env["clip"])
+    written = []  # indices of Inception feature shards written (not CLIP score shards)
+    original_write = FeatureStore.write
+
+    class Interrupted(Exception):
+        pass
+
+    # --- 1: interrupted once its first shard is written ---
+    def write_then_stop(self, index, features):
+        path = original_write(self, index, features)
+        if self.dim == inception.FEATURE_DIM:
+            written.append(index)
+            raise Interrupted
+        return path
+
+    monkeypatch.setattr(FeatureStore, "write", write_then_stop)
+    with pytest.raises(Interrupted):
+        evaluate_fid.main(_argv(env, a, *flags))
+    assert written == [0] and not (a / "fid.json").exists()
+    first = (a / "samples" / "shard-00000.npy").stat().st_mtime_ns
+
+    # --- 2: rerun: resumes (computes only shard 1), then sweeps two guidance weights ---
+    written.clear()
+    monkeypatch.setattr(FeatureStore, "write", lambda self, i, f: (
+        written.append(i) if self.dim == inception.FEATURE_DIM else None) or original_write(self, i, f))
+    seeds, instances = [], []
+    original_generate, original_init = protocol.Evaluator.generate, cascade.StageSampler.__init__
+    monkeypatch.setattr(protocol.Evaluator, "generate",
+                        lambda self, texts, seed: seeds.append(seed) or original_generate(self, texts, seed))
+    monkeypatch.setattr(cascade.StageSampler, "__init__",
+                        lambda self, *a, **k: instances.append(self) or original_init(self, *a, **k))
+    assert evaluate_fid.main(_argv(env, a, *flags, "--sweep", "1,4", "--sweep_samples", "4")) == 0
+    assert written == [1, 0, 0]  # the main run's missing shard, then one shard per weight
+    assert seeds == [protocol.shard_seed(3, 1)] + [protocol.shard_seed(3, 0)] * 2
+    assert (a / "samples" / "shard-00000.npy").stat().st_mtime_ns == first
+    # One compiled program per stage, reused across the sweep (guidance is traced).
+    assert len(instances) == 2 and [s._fn._cache_size() for s in instances] == [1, 1]
+
+    rec = json.loads((a / "fid.json").read_text())
+    assert rec["num_samples"] == 8 and rec["shards_computed"] == 1 and np.isfinite(rec["fid"])
+    assert rec["captions"]["seed"] == 1 and rec["generation"]["seed"] == 3
+    assert rec["generation"]["shard_size"] == 4 and rec["resolution"] == RES
+    assert [s["guidance"] for s in rec["generation"]["stages"]] == [2.0, 3.0]
+    assert [s["steps"] for s in rec["generation"]["stages"]] == [2, 2]
+    assert [s["resolution"] for s in rec["generation"]["stages"]] == [16, 64]
+    assert rec["reference"]["num_images"] == 6 and rec["reference"]["count"] == "all"
+    assert os.path.isfile(rec["reference"]["statistics_file"])
+    assert {"jax", "flax", "numpy", "scipy", "torch"} <= set(rec["versions"])
+    assert "BICUBIC" in rec["resize_filter"] and rec["clip_model"] == env["clip"]
+    # Captions: the recorded draw is the seeded draw.
+    drawn = coco.sample_captions(coco.load_captions(env["coco"]), 8, seed=1)
+    assert coco.CaptionSample.load(a / "captions.json") == drawn
+    # The features (shard 0 from run 1, shard 1 from run 2) are those of the saved PNGs, resized
+    # to 32, in caption order; the FID follows from them and the cached reference statistics.
+    pngs = np.stack([np.asarray(Image.open(a / "samples" / "images" / f"{i:05d}.png")) for i in range(8)])
+    assert pngs.shape == (8, RES, RES, 3) and pngs.std() > 0
+    feats = FeatureStore(a / "samples", 8, 4).concatenate()
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})  # the same compiled Inception
+    np.testing.assert_allclose(feats, inception.features(inception.load(env["weights"]), pngs, batch_size=8,
+                                                         mesh=mesh), rtol=1e-5, atol=1e-5 * np.abs(feats).max())
+    mu, sigma = fid.load_statistics(rec["reference"]["statistics_file"])
+    assert rec["fid"] == pytest.approx(_fast_fid(feats, mu, sigma), rel=1e-9)
+    # CLIP score: mean of 100 * cos, as computed directly from the PNGs and the captions.
+    direct = _direct_clip_scores(env["clip"], pngs, drawn.texts)
+    assert rec["clip_score"] == pytest.approx(direct.mean(), rel=1e-4, abs=1e-3)
+
+    # The sweep: a row per weight, the table, the plot (FID vs w, FID vs CLIP score).
+    sweep = json.loads((a / "sweep.json").read_text())
+    assert [r["guidance"] for r in sweep["rows"]] == [1.0, 4.0]
+    assert all(np.isfinite(r["fid"]) and r["num_samples"] == 4 and r["clip_score"] is not None
+               for r in sweep["rows"])
+    assert sweep["rows"][0]["fid"] != sweep["rows"][1]["fid"]
+    assert len(coco.CaptionSample.load(a / "sweep" / "captions.json").captions) == 4
+    run_file = json.loads((a / "sweep" / "guidance_4" / "run.json").read_text())
+    assert [s["guidance"] for s in run_file["stages"]] == [4.0, 3.0]  # the base stage's weight only
+    table = (a / "sweep.md").read_text().splitlines()
+    assert table[0].startswith("| guidance | FID") and len(table) == 4 and table[3].startswith("| 4 |")
+    assert table[3] in capsys.readouterr().out  # printed too
+    plot = np.asarray(Image.open(a / "sweep.png").convert("L"))
+    assert plot.shape == (420, 1120) and (plot < 128).mean() > 0.002
+
+    # --- 3: rerun: nothing sampled, reference statistics read from the cache ---
+    def no_reference_images(*args, **kwargs):
+        raise AssertionError("reference statistics recomputed")
+    monkeypatch.setattr(coco, "iter_reference_images", no_reference_images)
+    assert evaluate_fid.main(_argv(env, a, *flags)) == 0
+    again = json.loads((a / "fid.json").read_text())
+    assert again["shards_computed"] == 0 and again["fid"] == rec["fid"]
+    assert again["clip_score"] == rec["clip_score"]
+    # ... but other settings in the same directory are refused; no CLIP is a message, not an error.
+    assert evaluate_fid.main(_argv(env, a, "--seed", "4")) == 1
+    out = capsys.readouterr()
+    assert "other settings (seed differ" in out.err and "CLIP score: skipped" in out.out
+
+
+def test_sweep_plot_without_clip(tmp_path):
+    rows = [{"guidance": w, "fid": f, "clip_score": None, "num_samples": 10}
+            for w, f in [(1, 30.0), (3, 18.5), (8, 25.0)]]
+    protocol.plot_sweep(rows, str(tmp_path / "p.png"), title="t")
+    assert Image.open(tmp_path / "p.png").size == (560, 420)
+    assert protocol.sweep_table(rows).splitlines()[3] == "| 3 | 18.500 | - | 10 |"
+
+
+def test_resize_and_shard_seed():
+    x = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    y = protocol.resize(x, 32)
+    assert y.shape == (2, 32, 32, 3) and y.dtype == np.uint8
+    np.testing.assert_array_equal(y[1], np.asarray(Image.fromarray(x[1]).resize((32, 32), Image.BICUBIC)))
+    assert protocol.resize(x, 64) is x
+    seeds = {protocol.shard_seed(s, i) for s in range(3) for i in range(100)}
+    assert len(seeds) == 300 and all(0 <= s < 2 ** 31 for s in seeds)
+
+
+def _bad_cases(env, tmp_path):
+    missing = str(tmp_path / "nope.pth")
+    linear = str(tmp_path / "linear.pth")
+    torch.save(torch.nn.Linear(3, 4).state_dict(), linear)
+    empty = tmp_path / "empty_stage"
+    empty.mkdir()
+    return {
+        "missing weights": (["--inception", missing], "FID Inception weights not found at .*nope.pth"),
+        "not the FID Inception": (["--inception", linear], "linear.pth.* not the FID Inception"),
+        "too few reference images": (["--reference_count", "7"], "has only 6 reference images, but count=7"),
+        "stage dir missing": (["--stages", str(tmp_path / "no_stage")], "no_stage does not exist"),
+        "stage dir empty": (["--stages", str(empty)], "not a training workdir: no config.json"),
+        "stages in the wrong order": (["--stages", f"{env['sr']},{env['base']}"], "give the base stage first"),
+        "no COCO": (["--coco", str(tmp_path / "no_coco")], "no_coco.* is not a directory"),
+        "too many captions": (["--num_samples", "13"], "asked for 13 captions, but .* has only 12"),
+        "CLIP dir missing": (["--clip", str(tmp_path / "no_clip")], "CLIP model directory .*no_clip.* does not exist"),
+        "bad settings": (["--steps", "2,2,2"], "--steps has 3 values"),
+    }
+
+
+def test_bad_input(env, tmp_path, capsys):
+    for name, (extra, message) in _bad_cases(env, tmp_path).items():
+        rc = evaluate_fid.main(_argv(env, tmp_path / "w", "--cache_dir", env["cache"], *extra))
+        err = capsys.readouterr().err
+        assert rc == 1, (name, err)
+        assert err.startswith("error: ") and re.search(message, err), (name, err)
+    # Flag errors: argparse's message and status 2.
+    assert evaluate_fid.main(_argv(env, tmp_path / "w", "--num_samples", "0")) == 2
+    assert "needs --sweep" in capsys.readouterr().err
