@@ -26,18 +26,19 @@ def get_config(arg="base"):
     if arg == "base":
         c.stage = "base64"  # the base stage, at 32x32 for the demo
         c.data.image_size = 32
-        c.model.update(dict(image_size=32, base_channels=48, channel_mults=(1, 2, 2), num_res_blocks=(1, 1, 1),
+        c.model.update(dict(image_size=32, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=(1, 1, 1),
                             attn_levels=(False, True, True), cross_attn_levels=(False, False, False), **tiny))
-        c.train.num_steps = 1500
+        c.train.batch_size = 16
+        c.train.num_steps = 1200
         c.sampling.update(dict(sampler="ddim", steps=50, guidance=3.0))
     else:
         c.stage = "sr256"  # an SR stage, 32 -> 64 for the demo
         c.data.image_size = 64
         c.diffusion.lowres_size = 32
-        c.model.update(dict(image_size=64, base_channels=24, channel_mults=(1, 2, 4), num_res_blocks=(1, 1, 1),
+        c.model.update(dict(image_size=64, base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=(1, 1, 1),
                             attn_levels=(False, False, True), cross_attn_levels=(False, False, False),
                             efficient=True, lowres_cond=True, **tiny))
-        c.train.batch_size = 16
-        c.train.num_steps = 500
+        c.train.batch_size = 8
+        c.train.num_steps = 400
         c.sampling.update(dict(sampler="ddim", steps=25, guidance=1.0, aug_level=0.0))
     return c

@@ -17,9 +17,8 @@ from ml_collections import config_flags
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from imagen_jax import parallel, training
+from imagen_jax import training
 from imagen_jax.models import param_shapes
 
 FLAGS = flags.FLAGS
@@ -35,20 +34,6 @@ def param_report(config):
     shapes = nn.meta.unbox(param_shapes(training.model_config(config)))
     rows = [(name, sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(sub))) for name, sub in shapes.items()]
     return rows, sum(n for _, n in rows)
-
-
-def compile_step(config, devices, batch_size):
-    """Lowers and compiles the real train step for `devices` with the config's mesh and rules."""
-    mesh = parallel.make_mesh(config.mesh, devices)
-    trainer = training.Trainer(config, mesh)
-    if batch_size % parallel.data_parallel_size(mesh):
-        raise parallel.MeshError(f"batch {batch_size} is not divisible by data x fsdp = "
-                                 f"{parallel.data_parallel_size(mesh)}")
-    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                   trainer.abstract_state, trainer.state_shardings)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))
-    lowered = trainer.step.lower(state, trainer.batch_struct(batch_size), rng)
-    return trainer, lowered
 
 
 def human(n):
@@ -74,7 +59,7 @@ def main(argv):
             from imagen_jax import topology
             spec = topology.slice_spec(FLAGS.topology)
             devices = topology.topology_devices(FLAGS.topology)
-            _, lowered = compile_step(config, devices, batch)
+            _, lowered = training.lower_train_step(config, devices, batch)
             compiled, rep = topology.compile_and_report(lowered, spec, FLAGS.mfu)
             print(f"topology={FLAGS.topology} chips={len(devices)} batch={batch} mesh={dict(config.mesh)}")
             if compiled is not None:
@@ -88,7 +73,7 @@ def main(argv):
                       f"({batch / rep['est_step_time']:.1f} images/s)")
             print(topology.format_fits_line(rep))
             return 0
-        _, lowered = compile_step(config, jax.devices(), batch)
+        _, lowered = training.lower_train_step(config, jax.devices(), batch)
         compiled = lowered.compile()
         mem = compiled.memory_analysis()
         per_dev = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes

@@ -202,3 +202,17 @@ def count_state_params(abstract_params):
     return sum(x.size for x in jax.tree_util.tree_leaves(abstract_params))
 
 
+
+
+def lower_train_step(config, devices, batch_size):
+    """Lowers the real train step for `devices` (local, or abstract TPU topology devices) with the
+    config's mesh and rules, from abstract inputs only; returns (trainer, lowered)."""
+    mesh = parallel.make_mesh(config.mesh, devices)
+    trainer = Trainer(config, mesh)
+    if batch_size % parallel.data_parallel_size(mesh):
+        raise parallel.MeshError(f"batch {batch_size} is not divisible by data x fsdp = "
+                                 f"{parallel.data_parallel_size(mesh)}")
+    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   trainer.abstract_state, trainer.state_shardings)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))
+    return trainer, trainer.step.lower(state, trainer.batch_struct(batch_size), rng)

@@ -1,0 +1,1 @@
+"""Benchmarks of imagen_jax against its PyTorch peers (see README.md; run with benchmarks/run.py)."""
