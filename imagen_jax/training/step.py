@@ -162,8 +162,9 @@ class Trainer:
             lowres = upsample_lowres(batch["lowres"], x0.shape[1])
             if c.diffusion.noise_aug:
                 # Noise conditioning augmentation: corrupt the conditioning image at a level drawn
-                # per example from U(0, 1) and tell the network that level.
-                aug_logsnr = diffusion.sample_logsnr(aug_rng, x0.shape[0], c.diffusion.schedule)
+                # per example from U(0, aug_max) (paper: U(0, 1)) and tell the network that level.
+                aug_t = jax.random.uniform(aug_rng, (x0.shape[0],), jnp.float32) * c.diffusion.get("aug_max", 1.0)
+                aug_logsnr = schedules.logsnr_fn(c.diffusion.schedule)(aug_t)
                 noise = jax.random.normal(aug_noise_rng, lowres.shape, jnp.float32)
                 lowres = schedules.q_sample(lowres, aug_logsnr, noise)
             else:
