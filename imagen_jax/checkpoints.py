@@ -73,7 +73,7 @@ def restore(mngr, step, abstract_state, state_shardings, items=("params", "ema_p
     try:
         out = mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many kinds; the user needs the path and the cause
-        raise CheckpointError(f"checkpoint {os.path.join(checkpoint_dir(mngr.directory.parent), str(step))} "
+        raise CheckpointError(f"checkpoint {os.path.join(str(mngr.directory), str(step))} "
                               f"could not be restored ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     return {k: out[k] for k in items}, dict(out["meta"])
 

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 import flax.linen as nn
 import jax
 
+from imagen_jax import cli
 from imagen_jax import training
 from imagen_jax.models import param_shapes
 
@@ -95,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
