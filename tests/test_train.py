@@ -41,12 +41,22 @@ def params_of(workdir, which="params"):
 
 @pytest.mark.parametrize("stage", ["base64", "sr256", "sr1024"])
 def test_each_tiny_stage_trains(tmp_path, vocab, stage):
-    metrics, state = train_lib.train(cfg(stage, vocab, **{"train.num_steps": 3}), str(tmp_path))
+    # Preview grids from the EMA params at step 3 (crop-trained SR1024 previews are skipped).
+    metrics, state = train_lib.train(cfg(stage, vocab, **{"train.num_steps": 3, "train.sample_every": 3,
+                                                          "sampling.steps": 2}), str(tmp_path))
     assert int(state.step) == 3
     assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
     assert metrics["images_per_s_per_device"] > 0
     assert checkpoints.available_steps(str(tmp_path)) == [2, 3]
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+    if stage != "sr1024":
+        from PIL import Image
+        grid = Image.open(tmp_path / "samples" / "step_00000003.png")
+        assert grid.size[0] >= c_size(stage) and np.asarray(grid).std() > 0
+
+
+def c_size(stage):
+    return tiny_config(stage).data.image_size
 
 
 def test_loss_falls_on_repeated_batch(vocab):
@@ -180,3 +190,13 @@ def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path, vocab):
         train_lib.train(c, str(tmp_path))
     assert checkpoints.available_steps(str(tmp_path)) == [2]
     assert all(open(v, "rb").read() == before[v] for v in victims)
+
+
+def test_inspect_prints_parameter_count():
+    r = subprocess.run([sys.executable, "-m", "imagen_jax.inspect", "--config=configs/sr1024.py"], cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == "params=426678659"
+    per_module = [int(l.split()[-1].replace(",", "")) for l in lines if l.startswith(("down", "up", "conv", "time", "aug", "text", "out"))]
+    assert sum(per_module) == 426678659

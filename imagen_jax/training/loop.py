@@ -192,7 +192,7 @@ def train(config, workdir, stop_after=0):
                 writer.write(done, metrics_host)
                 last_t, last_step = time.time(), done
             if config.train.sample_every and done % config.train.sample_every == 0:
-                preview(trainer, state, cond, config, local, workdir, done)
+                preview(trainer, state, cond, config, host, workdir, done)
             if done % config.train.ckpt_every == 0 or done == end or preempt.requested:
                 save(done)
             if preempt.requested:
