@@ -1,6 +1,5 @@
 """This project's side of each benchmark (JAX). Each job runs in its own process (see run.py), takes
 a spec dict and returns a JSON-able dict. Never imports torch."""
-import copy
 import gc
 import os
 import time
@@ -57,30 +56,11 @@ def _device_batch(trainer, global_batch, seed):
 
 
 def _model_flops(config, mesh, global_batch):
-    """Model FLOPs of one training step: 3x the U-Net forward pass (forward + backward), counted by
-    XLA's cost analysis of the forward lowered for the CPU backend (GPU lowerings hand convolutions
-    and attention to cuDNN custom calls, which the cost analysis does not count). No remat, plain
-    XLA attention: the work the model needs, not the work this implementation chooses to redo."""
-    from jax.sharding import SingleDeviceSharding
-
-    from imagen_jax.models import UNet, UNetConfig, init_inputs
+    """Model FLOPs of one training step (imagen_jax.training.model_flops: 3x the forward)."""
+    from imagen_jax import training
 
     del mesh
-    c = copy.deepcopy(config)
-    c.model.remat = False
-    c.model.attention_impl = "xla"
-    cfg = UNetConfig.from_dict(c.model.to_dict())
-    model = UNet(cfg)
-    cpu = SingleDeviceSharding(jax.devices("cpu")[0])
-    on_cpu = lambda t: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), t)  # noqa: E731
-    inputs = on_cpu(init_inputs(cfg, batch=global_batch, text_len=int(c.text.max_length),
-                                image_size=int(c.data.image_size)))
-    params = on_cpu(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **init_inputs(cfg))))
-    lowered = jax.jit(lambda p, i: model.apply(p, **i)).lower(params, inputs)
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    fwd = float((cost or {}).get("flops", 0.0))
-    return 3.0 * fwd or None
+    return training.model_flops(config, global_batch) or None
 
 
 def _train_at(config, mesh, global_batch, spec):

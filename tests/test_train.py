@@ -43,7 +43,10 @@ def params_of(workdir, which="params"):
 def test_each_tiny_stage_trains(tmp_path, vocab, stage):
     # Preview grids from the EMA params at step 3 (crop-trained SR1024 previews are skipped).
     metrics, state = train_lib.train(cfg(stage, vocab, **{"train.num_steps": 3, "train.sample_every": 3,
-                                                          "sampling.steps": 2}), str(tmp_path))
+                                                          "sampling.steps": 2, "train.peak_flops": 1e12}),
+                                     str(tmp_path))
+    # MFU = model FLOPs (3x forward) per device x steps/s / the configured peak.
+    assert 0 < metrics["mfu"] < 1
     assert int(state.step) == 3
     assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
     assert metrics["images_per_s_per_device"] > 0

@@ -170,9 +170,8 @@ def train(config, workdir, stop_after=0):
             batch = parallel.host_local_batch_to_global(local, mesh)
             if compiled is None:
                 compiled = trainer.step.lower(state, batch, rng).compile()
-                cost = compiled.cost_analysis()
-                cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-                flops = float((cost or {}).get("flops", 0.0))
+                if peak:
+                    flops = step_lib.model_flops(config, global_batch) / jax.device_count()
             state, metrics = compiled(state, batch, rng)
             done = step + 1
             if done % config.train.log_every == 0 or done == end:
@@ -187,8 +186,7 @@ def train(config, workdir, stop_after=0):
                 metrics_host.update({"steps_per_s": sps,
                                      "images_per_s_per_device": sps * global_batch / jax.device_count()})
                 if peak and flops:
-                    # cost_analysis counts the per-device program's FLOPs.
-                    metrics_host["mfu"] = flops * sps / peak
+                    metrics_host["mfu"] = flops * sps / peak  # model FLOPs per device / peak
                 writer.write(done, metrics_host)
                 last_t, last_step = time.time(), done
             if config.train.sample_every and done % config.train.sample_every == 0:

@@ -217,3 +217,22 @@ def lower_train_step(config, devices, batch_size):
                                    trainer.abstract_state, trainer.state_shardings)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))
     return trainer, trainer.step.lower(state, trainer.batch_struct(batch_size), rng)
+
+
+def model_flops(config, global_batch):
+    """Model FLOPs of one training step: 3x the U-Net forward pass (forward + backward), counted by
+    XLA's cost analysis of the forward lowered for the CPU backend (GPU lowerings hand convolutions
+    to cuDNN custom calls, which the cost analysis does not count). No remat and plain XLA
+    attention: the work the model needs, not the work an implementation chooses to redo."""
+    from jax.sharding import SingleDeviceSharding
+
+    cfg = UNetConfig.from_dict({**config.model.to_dict(), "remat": False, "attention_impl": "xla"})
+    model = UNet(cfg)
+    cpu = SingleDeviceSharding(jax.devices("cpu")[0])
+    on_cpu = lambda t: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), t)  # noqa: E731
+    inputs = on_cpu(init_inputs(cfg, batch=global_batch, text_len=int(config.text.max_length),
+                                image_size=int(config.data.image_size)))
+    params = on_cpu(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **init_inputs(cfg))))
+    cost = jax.jit(lambda p, i: model.apply(p, **i)).lower(params, inputs).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return 3.0 * float((cost or {}).get("flops", 0.0))
