@@ -42,6 +42,7 @@ from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -740,27 +741,6 @@ def _torch_available() -> bool:
 # --- Cache -------------------------------------------------------------------
 
 
-def _flatten(params: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in params.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
-    return out
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> Params:
-    out: dict = {}
-    for key, v in flat.items():
-        node = out
-        *mods, leaf = key.split("/")
-        for m in mods:
-            node = node.setdefault(m, {})
-        node[leaf] = v
-    return out
-
-
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -774,7 +754,7 @@ def save_params(params: Params, path: str | os.PathLike, source_sha256: str = ""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    flat = _flatten(params)
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     flat["__source_sha256__"] = np.array(source_sha256)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npz")
     try:
@@ -800,7 +780,7 @@ def load_params(path: str | os.PathLike) -> Params:
             f"{path!r} is not a converted FID Inception cache: missing {missing[:5]}, "
             f"wrong shapes {wrong[:5]}"
         )
-    return _unflatten({k: flat[k].astype(np.float32) for k in expected})
+    return traverse_util.unflatten_dict({k: flat[k].astype(np.float32) for k in expected}, sep="/")
 
 
 def load(

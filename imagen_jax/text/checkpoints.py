@@ -32,6 +32,7 @@ import threading
 from typing import Any, Callable, Mapping
 
 import jax
+from flax import traverse_util
 import msgpack
 import numpy as np
 
@@ -504,14 +505,7 @@ def materialize(sources: Mapping[str, ArraySource], dtype, shardings=None) -> di
     # Reads are I/O and decompression that release the GIL: overlap them across arrays.
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(1, len(keys)))) as pool:
         arrays = dict(zip(keys, pool.map(load, keys)))
-    tree: dict = {}
-    for key, arr in arrays.items():
-        node = tree
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = arr
-    return tree
+    return traverse_util.unflatten_dict(arrays, sep="/")
 
 
 # --------------------------------------------------------------------------- export
