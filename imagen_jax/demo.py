@@ -42,8 +42,8 @@ def run(workdir, *, base_steps=0, sr_steps=0, num_prompts=16, seed=0, log=print)
         log(f"\n== training the {name} stage ({config.train.num_steps} steps, batch {config.train.batch_size}) "
             f"in {stage_dir}")
         metrics, _ = training.train(config, stage_dir)
-        log(f"{name} stage done: final loss {metrics.get('loss', float('nan')):.4f} "
-            f"({time.time() - t0:.0f}s since start)")
+        done = f"final loss {metrics['loss']:.4f}" if "loss" in metrics else "already trained (resumed)"
+        log(f"{name} stage done: {done} ({time.time() - t0:.0f}s since start)")
         stage_dirs.append(stage_dir)
 
     prompts = shapes.held_out_prompts(num_prompts)
