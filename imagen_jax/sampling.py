@@ -78,7 +78,7 @@ def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, ov
         os.makedirs(os.path.join(partial, "images"))
         for i, img in enumerate(final):
             Image.fromarray(img).save(os.path.join(partial, "images", f"{i // num_images:04d}_{i % num_images:02d}.png"))
-        Image.fromarray(cascade.grid(final, cols=num_images if len(prompts) > 1 else None)).save(
+        Image.fromarray(cascade.grid(final, cols=num_images if num_images > 1 else None)).save(
             os.path.join(partial, "grid.png"))
         record = {"prompts": prompts, "num_images": num_images, "seed": seed,
                   "batch_size": batch_size, "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
