@@ -245,10 +245,14 @@ def fid(spec):
     images = cases.random_images(int(spec["n_images"]), int(spec["size"]), seed=5)
     out = {"n_images": int(spec["n_images"]), "size": int(spec["size"]), "batch_size": int(spec["batch_size"]),
            "weights": source}
-    for name in spec.get("dtypes", ["float32", "bfloat16"]):
-        dtype = jnp.dtype(name)
+    # "float32_tf32": float32 with precision="default" (TF32 convolutions on GPU), the precision the
+    # peer's cuDNN convolutions run at by default; "float32" is the full-precision reference path.
+    for name in spec.get("dtypes", ["float32", "float32_tf32", "bfloat16"]):
+        dtype = jnp.dtype(name.split("_")[0])
+        precision = "default" if name.endswith("_tf32") else "highest"
         log(f"  ours FID features {name}: {images.shape[0]} images {images.shape[1]}px, batch {spec['batch_size']}")
-        t = measure(lambda: inception.features(params, images, batch_size=int(spec["batch_size"]), dtype=dtype),
+        t = measure(lambda: inception.features(params, images, batch_size=int(spec["batch_size"]), dtype=dtype,
+                                               precision=precision),
                     lambda x: x, warmup=1, iters=int(spec["iters"]),
                     budget_s=float(spec["budget_s"]) * 0.4, log=log)
         out[name] = {"timing": t, "images_per_s": images.shape[0] / t["median_s"]}

@@ -339,9 +339,11 @@ def row_fid(run, s):
     except Exception:
         pass
     out = []
-    for name in ("float32", "bfloat16"):
+    extras = {"float32": ["ours Precision.HIGHEST (no TF32), peer cuDNN TF32 (its default)"],
+              "float32_tf32": ["both float32 with TF32 convolutions: ours precision='default', peer its default"],
+              "bfloat16": ["peer stays float32 (cuDNN TF32 allowed, its default)"]}
+    for name, extra in extras.items():
         ours = dict(o[name], wall_s=o.get("wall_s")) if ok(o) and name in o else o
-        extra = [] if name == "float32" else ["peer stays float32 (cuDNN TF32 allowed, its default)"]
         out.append(entry(f"inception ours {name} vs pytorch-fid", "images/s", ours, p, "pytorch-fid",
                          notes=notes + extra))
     return out

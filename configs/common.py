@@ -82,6 +82,7 @@ def stage_config():
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 2048               # global batch
+    c.train.microbatches = 1                # gradient accumulation: the step runs the batch in this many slices
     c.train.num_steps = 2_500_000
     c.train.log_every = 100
     c.train.ckpt_every = 5000

@@ -100,6 +100,9 @@ def test_batching_padding_and_bf16(ref):
     bf16 = inception.features(ref.params, images, batch_size=3, dtype=jnp.bfloat16)
     assert bf16.dtype == np.float32
     assert np.abs(bf16 - whole).max() / np.abs(whole).max() < 5e-2
+    # precision="default" is the backend's choice (TF32 on NVIDIA GPUs; full float32 on this CPU).
+    default = inception.features(ref.params, images, batch_size=3, precision="default")
+    assert np.abs(default - whole).max() / np.abs(whole).max() < 1e-2
 
 
 def test_data_parallel_over_mesh(ref):
@@ -206,3 +209,5 @@ def test_bad_images(ref):
     with pytest.raises(ValueError, match=r"\[N, H, W, 3\].*\(1, 8, 8\)"):
         inception.features(ref.params, np.zeros((1, 8, 8), np.uint8))
     assert inception.features(ref.params, np.zeros((0, 8, 8, 3), np.uint8)).shape == (0, 2048)
+    with pytest.raises(ValueError, match="precision must be one of.*'tf32'"):
+        inception.features(ref.params, np.zeros((1, 8, 8, 3), np.uint8), precision="tf32")

@@ -342,10 +342,16 @@ def preprocess(images_u8):
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _forward(params, images_u8, dtype):
-    """uint8 [B, H, W, 3] -> float32 [B, 2048]. Compiled once per (B, H, W, dtype)."""
-    precision = lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+# `features(precision=...)`: "highest" keeps float32 convolutions in full float32 on every backend
+# (the reference); "default" lets the backend pick, which on NVIDIA GPUs is TF32, as pytorch-fid's
+# cuDNN convolutions run by default (torch.backends.cudnn.allow_tf32 is True).
+PRECISIONS = {"highest": lax.Precision.HIGHEST, "default": None}
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "precision"))
+def _forward(params, images_u8, dtype, precision):
+    """uint8 [B, H, W, 3] -> float32 [B, 2048]. Compiled once per (B, H, W, dtype, precision)."""
+    precision = PRECISIONS[precision] if jnp.dtype(dtype) == jnp.float32 else None
     x = preprocess(images_u8)
     model = FIDInceptionV3(dtype=dtype, precision=precision)
     return model.apply({"params": params}, x.astype(dtype))
@@ -357,6 +363,7 @@ def features(
     *,
     batch_size: int = 50,
     dtype=jnp.float32,
+    precision: str = "highest",
     mesh: jax.sharding.Mesh | None = None,
     data_axes: str | Sequence[str] | None = None,
 ) -> np.ndarray:
@@ -368,7 +375,8 @@ def features(
     reference). With `mesh`, each batch is split over the mesh axes `data_axes`
     (default: all of them) and the parameters are replicated; `batch_size` is
     rounded up to a multiple of the number of shards. float32 runs use
-    `Precision.HIGHEST`, so GPUs/TPUs do not drop to TF32/bf16 matmuls.
+    `Precision.HIGHEST` by default, so GPUs/TPUs do not drop to TF32/bf16 convolutions;
+    `precision="default"` allows TF32 on GPUs (pytorch-fid's own default, ~2x faster there).
     Single-process: `images` are host arrays of this process.
     """
     images = np.asarray(images)
@@ -381,6 +389,8 @@ def features(
         raise ValueError(f"features expects images [N, H, W, 3], got shape {images.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     n = images.shape[0]
     if n == 0:
         return np.zeros((0, FEATURE_DIM), np.float32)
@@ -405,7 +415,7 @@ def features(
         if m < batch_size:  # pad with copies of the last image; padding rows are dropped
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - m, axis=0)])
         batch = jax.device_put(batch, data_sharding) if data_sharding is not None else batch
-        out[start:start + m] = np.asarray(_forward(params, batch, jnp.dtype(dtype)))[:m]
+        out[start:start + m] = np.asarray(_forward(params, batch, jnp.dtype(dtype), precision))[:m]
     return out
 
 

@@ -72,10 +72,8 @@ class MetricWriter:
 
 
 def check_batch(config, mesh):
-    gb, dp, pc = config.train.batch_size, parallel.data_parallel_size(mesh), jax.process_count()
-    if gb % dp:
-        raise parallel.MeshError(f"train.batch_size={gb} is not divisible by the data-parallel size "
-                                 f"data x fsdp = {dp}")
+    gb, pc = config.train.batch_size, jax.process_count()
+    step_lib.check_batch(gb, mesh, int(config.train.get("microbatches", 1)))
     if gb % pc:
         raise parallel.MeshError(f"train.batch_size={gb} is not divisible by the {pc} processes")
 

@@ -75,6 +75,48 @@ def drop_text(rng, text, mask, prob):
     return text * keep[:, None, None].astype(text.dtype), mask & keep[:, None]
 
 
+def accumulate_gradients(loss_fn, params, batch, rng, microbatches, batch_shardings=None, grad_shardings=None):
+    """(mean loss, mean gradient) of `loss_fn(params, batch, rng)` over the global batch, computed
+    in `microbatches` sequential slices (a `lax.scan`), so activations and the compiled program are
+    those of one slice. Gradients accumulate in float32.
+
+    Example i of the batch goes to slice i % microbatches: each device's rows of a batch sharded
+    along axis 0 split into slices that stay on that device, so slicing moves no data. Slice m
+    draws its randomness from fold_in(rng, m). With microbatches=1 this is value_and_grad itself.
+    """
+    if microbatches <= 1:
+        return jax.value_and_grad(loss_fn)(params, batch, rng)
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if n % microbatches:
+        raise ValueError(f"batch of {n} does not split into train.microbatches={microbatches} slices")
+
+    def slices(x, sharding):  # [n, ...] -> [microbatches, n / microbatches, ...], rows i % m -> slice m
+        x = jnp.moveaxis(x.reshape(n // microbatches, microbatches, *x.shape[1:]), 1, 0)
+        if sharding is not None:  # keep each slice split over the data axes as the batch was
+            spec = jax.sharding.PartitionSpec(None, *sharding.spec)
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
+        return x
+
+    shards = batch_shardings or {k: None for k in batch}
+    stacked = {k: slices(v, shards[k]) for k, v in batch.items()}
+
+    def constrain(g):
+        return g if grad_shardings is None else jax.lax.with_sharding_constraint(g, grad_shardings)
+
+    def body(carry, xs):
+        loss_sum, grad_sum = carry
+        m, micro = xs
+        loss, grads = jax.value_and_grad(loss_fn)(params, micro, jax.random.fold_in(rng, m))
+        grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, constrain(grads))
+        return (loss_sum + loss, constrain(grad_sum)), None
+
+    zeros = constrain(jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                           (jnp.arange(microbatches), stacked))
+    grads = jax.tree_util.tree_map(lambda g, p: (g / microbatches).astype(p.dtype), grad_sum, params)
+    return loss_sum / microbatches, grads
+
+
 @dataclasses.dataclass
 class Trainer:
     """Everything about one stage's training step on one mesh."""
@@ -90,6 +132,9 @@ class Trainer:
         self.rules = parallel.rules_tuple(c.mesh.rules)
         self.is_sr = c.diffusion.lowres_size > 0
         self.text_len = int(c.text.max_length)
+        self.microbatches = int(c.train.get("microbatches", 1))
+        if self.microbatches < 1:
+            raise ValueError(f"train.microbatches must be >= 1, got {self.microbatches}")
         # Parameters, optimizer state and EMA, created sharded (never whole on one device).
         abstract = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
         self.param_shardings = parallel.logical_shardings(abstract, self.mesh, self.rules)
@@ -183,7 +228,8 @@ class Trainer:
 
     def _train_step(self, state, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
-        loss, grads = jax.value_and_grad(self.loss_fn)(state.params, batch, rng)
+        loss, grads = accumulate_gradients(self.loss_fn, state.params, batch, rng, self.microbatches,
+                                           self.batch_shardings, self.param_shardings)
         grad_norm = global_norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -199,10 +245,17 @@ class Trainer:
         return new_state, metrics
 
 
+def check_batch(batch_size, mesh, microbatches=1):
+    """Every microbatch must split evenly over the data-parallel devices (data x fsdp)."""
+    dp = parallel.data_parallel_size(mesh)
+    if batch_size % (dp * microbatches):
+        raise parallel.MeshError(
+            f"train.batch_size={batch_size} is not divisible by the data-parallel size data x fsdp = {dp}"
+            + (f" times train.microbatches = {microbatches}" if microbatches > 1 else ""))
+
+
 def count_state_params(abstract_params):
     return sum(x.size for x in jax.tree_util.tree_leaves(abstract_params))
-
-
 
 
 def lower_train_step(config, devices, batch_size):
@@ -210,9 +263,7 @@ def lower_train_step(config, devices, batch_size):
     config's mesh and rules, from abstract inputs only; returns (trainer, lowered)."""
     mesh = parallel.make_mesh(config.mesh, devices)
     trainer = Trainer(config, mesh)
-    if batch_size % parallel.data_parallel_size(mesh):
-        raise parallel.MeshError(f"batch {batch_size} is not divisible by data x fsdp = "
-                                 f"{parallel.data_parallel_size(mesh)}")
+    check_batch(batch_size, mesh, trainer.microbatches)
     state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    trainer.abstract_state, trainer.state_shardings)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))
