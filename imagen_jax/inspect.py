@@ -60,9 +60,10 @@ def main(argv):
             from imagen_jax import topology
             spec = topology.slice_spec(FLAGS.topology)
             devices = topology.topology_devices(FLAGS.topology)
-            _, lowered = training.lower_train_step(config, devices, batch)
-            compiled, rep = topology.compile_and_report(lowered, spec, FLAGS.mfu)
-            print(f"topology={FLAGS.topology} chips={len(devices)} batch={batch} mesh={dict(config.mesh)}")
+            trainer, lowered = training.lower_train_step(config, devices, batch)
+            compiled, rep = topology.compile_and_report(lowered, spec, FLAGS.mfu, trainer.microbatches)
+            print(f"topology={FLAGS.topology} chips={len(devices)} batch={batch} "
+                  f"microbatches={trainer.microbatches} mesh={dict(config.mesh)}")
             if compiled is not None:
                 print(f"per-chip memory: arguments {human(rep['argument_bytes'])}, temporaries "
                       f"{human(rep['temp_bytes'])}, outputs {human(rep['output_bytes'])}, aliased "

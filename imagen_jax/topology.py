@@ -253,19 +253,23 @@ def _first(value):
     return value
 
 
-def compile_report(compiled, spec, mfu=DEFAULT_MFU):
+def compile_report(compiled, spec, mfu=DEFAULT_MFU, loop_trips=1):
     """Per-chip memory and compute of a compiled program, against one chip's HBM and peak.
 
     compiled: jax.stages.Compiled (a program for one mesh; its numbers are per device = per chip).
     spec: ChipSpec, SliceSpec or a name ("v5e", "v4-256").
     mfu: model-FLOPs utilisation assumed for est_step_time (fraction of peak bf16 FLOP/s).
+    loop_trips: how many times the program runs its main loop body (train.microbatches for a
+      gradient-accumulating step). XLA's cost analysis counts a while-loop body once, so the
+      FLOPs are multiplied by it (the work outside the loop, the optimizer update, is small).
 
     Returns a dict:
       argument_bytes, output_bytes, temp_bytes, alias_bytes, code_bytes: from memory_analysis().
       per_chip_bytes = argument + output - alias + temp + code (donated inputs reuse their
         buffers, so aliased bytes count once).
       hbm_bytes: usable HBM of one chip; fits: per_chip_bytes <= hbm_bytes.
-      flops: per-chip FLOPs of one call, from cost_analysis() (None if the backend gives none).
+      flops: per-chip FLOPs of one call, from cost_analysis() x loop_trips (None if the backend
+        gives none).
       est_step_time: flops / (peak_bf16_flops * mfu), seconds; mfu; generation.
     """
     if not 0 < mfu <= 1:
@@ -283,7 +287,7 @@ def compile_report(compiled, spec, mfu=DEFAULT_MFU):
     per_chip = argument + output - alias + temp + code
     cost = _first(compiled.cost_analysis()) or {}
     flops = cost.get("flops")
-    flops = float(flops) if flops is not None and flops >= 0 else None
+    flops = float(flops) * loop_trips if flops is not None and flops >= 0 else None
     return {
         "generation": chip.generation,
         "argument_bytes": argument,
@@ -303,7 +307,7 @@ def compile_report(compiled, spec, mfu=DEFAULT_MFU):
 _OOM_RE = re.compile(r"required[^()]*\(([\d.]+)([KMGT]?)\)")
 
 
-def compile_and_report(lowered, spec, mfu=DEFAULT_MFU):
+def compile_and_report(lowered, spec, mfu=DEFAULT_MFU, loop_trips=1):
     """Compiles `lowered` and reports it; a program too big for HBM gives fits=False, not an error.
 
     The TPU compiler refuses programs that exceed HBM (RESOURCE_EXHAUSTED), so compile_report
@@ -325,7 +329,7 @@ def compile_and_report(lowered, spec, mfu=DEFAULT_MFU):
             "est_step_time": None, "error": text.splitlines()[0],
         }
         return None, report
-    return compiled, compile_report(compiled, chip, mfu)
+    return compiled, compile_report(compiled, chip, mfu, loop_trips)
 
 
 def format_fits_line(report):

@@ -144,3 +144,21 @@ def test_bad_mfu():
     compiled = _sharded_matmul(jax.devices()[:8]).compile()
     with pytest.raises(ValueError, match="mfu=0"):
         topology.compile_report(compiled, "v5e", mfu=0)
+
+
+def test_loop_trips_scale_scanned_flops():
+    """cost_analysis counts a while-loop body once (here on the TPU compiler): a step that
+    accumulates gradients over microbatches reports its FLOPs with loop_trips=microbatches."""
+    devices = topology.topology_devices("v4-8")
+    mesh = Mesh(np.array(devices), ("data",))
+    x = jax.ShapeDtypeStruct((512, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("data")))
+    w = jax.ShapeDtypeStruct((512, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+
+    def scanned(a, b):
+        return jax.lax.scan(lambda c, _: (c + jnp.tanh(a @ b), None), jnp.zeros_like(a), None, length=4)[0]
+
+    compiled = jax.jit(scanned).lower(x, w).compile()
+    once = topology.compile_report(compiled, "v4")["flops"]
+    body = 2 * 512 * 512 * 512 / len(devices)
+    assert body <= once <= 1.1 * body  # one body, not four
+    assert topology.compile_report(compiled, "v4", loop_trips=4)["flops"] == pytest.approx(4 * once)
