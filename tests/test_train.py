@@ -66,17 +66,22 @@ def test_loss_falls_on_repeated_batch(vocab):
     """A few optimizer steps on one batch reduce its loss (the gradient path is wired up)."""
     c = cfg("base64", vocab)
     c.diffusion.cond_drop_prob = 0.0
-    mesh = parallel.make_mesh({"data": -1})
-    tr = training.Trainer(c, mesh)
-    state = tr.init(jax.random.PRNGKey(0))
-    batch = {"image": np.tanh(random_batch((8, 16, 16, 3))), "text": random_batch((8, 16, 64), 1),
-             "text_mask": np.ones((8, 16), bool)}
-    batch = parallel.host_local_batch_to_global(batch, mesh)
-    losses = []
-    for _ in range(30):
-        state, m = tr.step(state, batch, jax.random.PRNGKey(3))  # same rng: same noise each step
-        losses.append(float(m["loss"]))
+    _, losses = steps_on_one_batch(training.Trainer(c, parallel.make_mesh({"data": -1})), 8, 30)
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def steps_on_one_batch(tr, batch_size, steps):
+    """`steps` train steps of a tiny base64 Trainer on one fixed batch with one fixed rng (so the
+    same noise every step): (final state, losses)."""
+    state = tr.init(jax.random.PRNGKey(0))
+    batch = {"image": np.tanh(random_batch((batch_size, 16, 16, 3))), "text": random_batch((batch_size, 16, 64), 1),
+             "text_mask": np.ones((batch_size, 16), bool)}
+    batch = parallel.host_local_batch_to_global(batch, tr.mesh)
+    losses = []
+    for _ in range(steps):
+        state, m = tr.step(state, batch, jax.random.PRNGKey(3))
+        losses.append(float(m["loss"]))
+    return state, losses
 
 
 def test_sharding_equivalence(vocab):
@@ -238,14 +243,7 @@ def test_microbatched_trainer_step(vocab):
     c.diffusion.cond_drop_prob = 0.0
     mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
     tr = training.Trainer(c, mesh)
-    state = tr.init(jax.random.PRNGKey(0))
-    batch = {"image": np.tanh(random_batch((16, 16, 16, 3))), "text": random_batch((16, 16, 64), 1),
-             "text_mask": np.ones((16, 16), bool)}
-    batch = parallel.host_local_batch_to_global(batch, mesh)
-    losses = []
-    for _ in range(20):
-        state, m = tr.step(state, batch, jax.random.PRNGKey(3))
-        losses.append(float(m["loss"]))
+    state, losses = steps_on_one_batch(tr, 16, 20)
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(np.isfinite(losses))
     for leaf, want in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(tr.param_shardings)):
