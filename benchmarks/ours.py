@@ -55,14 +55,6 @@ def _device_batch(trainer, global_batch, seed):
     return {k: jax.device_put(v, trainer.batch_shardings[k]) for k, v in host.items() if k in trainer.batch_shardings}
 
 
-def _model_flops(config, mesh, global_batch):
-    """Model FLOPs of one training step (imagen_jax.training.model_flops: 3x the forward)."""
-    from imagen_jax import training
-
-    del mesh
-    return training.model_flops(config, global_batch) or None
-
-
 def _train_at(config, mesh, global_batch, spec):
     from imagen_jax import parallel, training
 
@@ -104,7 +96,7 @@ def _train_at(config, mesh, global_batch, spec):
     nonfinite = int(holder["state"].nonfinite_step)
     model_flops = None
     try:
-        model_flops = _model_flops(config, mesh, global_batch)
+        model_flops = training.model_flops(config, global_batch) or None  # 3x the forward, no remat
     except Exception as e:
         log(f"    (model FLOPs not available: {short_error(e)})")
     ndev = mesh.size

@@ -1,9 +1,9 @@
 """The paper's pod configurations compile for their TPU topologies (libtpu, no TPU needed) and fit
-in the chips' HBM. Slow (the real TPU compiler on a 2-core CPU: 4 to 10 minutes a config), run in
+in the chips' HBM. Slow (the real TPU compiler on a 2-core CPU: 4 to 13 minutes a config), run in
 CI by .ci/run after the main suite.
 
 Each config compiles in its own `python -m imagen_jax.inspect` process, the command the README
-tells users to run: the TPU compiler's host memory (up to ~15 GB here) is returned to the system
+tells users to run: the TPU compiler's host memory (up to ~18 GB here) is returned to the system
 between configs, and the printed `fits=` line, which outside scripts rely on, is what is checked.
 """
 import os

@@ -222,7 +222,7 @@ def test_microbatched_gradients_match_full_batch():
     shardings = {k: parallel.batch_sharding(mesh, 2) for k in batch}
     batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
 
-    def loss_fn(p, b, _rng):  # per-example weights make the slice assignment matter
+    def loss_fn(p, b, _rng):  # a mean of per-example terms: a dropped, repeated or mis-paired example shows
         err = (b["x"] @ p["w"] + p["b"] - b["y"]) ** 2
         return jax.numpy.mean(err * (1.0 + jax.numpy.abs(b["x"][:, :1])))
 
@@ -248,5 +248,9 @@ def test_microbatched_trainer_step(vocab):
     assert all(np.isfinite(losses))
     for leaf, want in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(tr.param_shardings)):
         assert leaf.sharding == want
+    # The step really runs slices: its program has a loop more than the same step without them.
+    loops = [training.lower_train_step(cfg("base64", vocab, **{"train.microbatches": m}), jax.devices(), 16)[1]
+             .as_text().count("stablehlo.while") for m in (1, 2)]
+    assert loops[1] > loops[0], loops
     with pytest.raises(parallel.MeshError, match="train.microbatches = 2"):
         train_lib.check_batch(cfg("base64", vocab, **{"train.batch_size": 8, "train.microbatches": 2}), mesh)

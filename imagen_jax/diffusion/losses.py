@@ -26,9 +26,9 @@ def loss_weight(logsnr, prediction, weighting, *, min_snr_gamma=5.0, p2_k=1.0, p
     return clipped / {"eps": snr, "v": snr + 1.0, "x0": jnp.ones_like(snr)}[prediction]
 
 
-def sample_logsnr(rng, batch, schedule):
-    """Draws t ~ U(0, 1) per example and returns its log-SNR [B]."""
-    t = jax.random.uniform(rng, (batch,), jnp.float32)
+def sample_logsnr(rng, batch, schedule, max_t=1.0):
+    """Draws t ~ U(0, max_t) per example and returns its log-SNR [B]."""
+    t = jax.random.uniform(rng, (batch,), jnp.float32) * max_t
     return schedules.logsnr_fn(schedule)(t)
 
 

@@ -107,7 +107,7 @@ def accumulate_gradients(loss_fn, params, batch, rng, microbatches, batch_shardi
         loss_sum, grad_sum = carry
         m, micro = xs
         loss, grads = jax.value_and_grad(loss_fn)(params, micro, jax.random.fold_in(rng, m))
-        grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, constrain(grads))
+        grad_sum = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
         return (loss_sum + loss, constrain(grad_sum)), None
 
     zeros = constrain(jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
@@ -208,8 +208,8 @@ class Trainer:
             if c.diffusion.noise_aug:
                 # Noise conditioning augmentation: corrupt the conditioning image at a level drawn
                 # per example from U(0, aug_max) (paper: U(0, 1)) and tell the network that level.
-                aug_t = jax.random.uniform(aug_rng, (x0.shape[0],), jnp.float32) * c.diffusion.get("aug_max", 1.0)
-                aug_logsnr = schedules.logsnr_fn(c.diffusion.schedule)(aug_t)
+                aug_logsnr = diffusion.sample_logsnr(aug_rng, x0.shape[0], c.diffusion.schedule,
+                                                     c.diffusion.get("aug_max", 1.0))
                 noise = jax.random.normal(aug_noise_rng, lowres.shape, jnp.float32)
                 lowres = schedules.q_sample(lowres, aug_logsnr, noise)
             else:
