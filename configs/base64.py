@@ -20,6 +20,7 @@ def get_config(arg=None):
         image_size=64, base_channels=512, channel_mults=(1, 2, 3, 4), num_res_blocks=(3, 3, 3, 3),
         attn_levels=(False, True, True, True),        # self-attention (+ text) at 32, 16 and 8
         cross_attn_levels=(False, False, False, False),
+        resample="biggan",                            # F.1 res_block_type: biggan (ADM resblock_updown)
         head_dim=64, text_dim=4096, cond_dim=1024, dtype="bfloat16", remat=True,
         attention_impl="auto"))
     c.sampling.update(dict(steps=256, guidance=1.35, sampler="ddpm"))

@@ -86,17 +86,35 @@ def attention(q, k, v, kv_mask, impl="xla"):
     return jax.nn.dot_product_attention(q, k, v, mask=kv_mask[:, None, None, :], implementation="xla")
 
 
+def _resample(x, resample):
+    """Parameter-free 2x resampling inside a BigGAN block: average pooling or nearest upsampling."""
+    if resample == "down":
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    if resample == "up":
+        b, h, w, c = x.shape
+        return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+    return x
+
+
 class ResBlock(nn.Module):
-    """BigGAN-style residual block with scale-shift conditioning on the embedding [B, cond]."""
+    """Residual block with scale-shift conditioning on the embedding [B, cond] (ADM / BigGAN).
+
+    resample "down" / "up" makes it a BigGAN resampling block (ADM's `resblock_updown`, Imagen
+    App. F.1 `res_block_type: biggan`): both the residual branch (after its first norm and
+    activation) and the skip are average-pooled or nearest-upsampled, so the resolution changes
+    inside the block instead of in a separate strided or upsampling convolution.
+    """
 
     features: int
     num_groups: int = 32
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    resample: str = "none"  # none | down | up
 
     @nn.compact
     def __call__(self, x, emb, train=False):
         h = nn.silu(group_norm(self.num_groups, self.dtype, name="norm1")(x))
+        h, x = _resample(h, self.resample), _resample(x, self.resample)
         h = conv(self.features, dtype=self.dtype, name="conv1")(h)
         ss = dense(2 * self.features, "cond", "mlp", dtype=self.dtype, name="emb_proj")(nn.silu(emb))
         scale, shift = jnp.split(ss[:, None, None, :], 2, axis=-1)

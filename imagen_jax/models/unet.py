@@ -34,7 +34,10 @@ class UNetConfig:
     cross_attn_levels: Sequence[bool] = (False, False, False, False)  # text-only cross-attention
     head_dim: int = 64
     attn_heads: int = 0                   # 0: channels // head_dim heads (attention width = channels)
-    attn_every_block: bool = True         # Efficient U-Net: attention after every residual block, or once per level
+    # Efficient U-Net: attention after every residual block, or once per DBlock/UBlock (the paper's
+    # Figs. A.28/A.29; configs/sr256.py). The defaults here keep older checkpoints' layouts.
+    attn_every_block: bool = True
+    resample: str = "conv"                # base U-Net: "conv" (strided conv / nearest + conv) | "biggan" (paper)
     efficient: bool = False               # Efficient U-Net block order and skip scaling
     lowres_cond: bool = False             # super-resolution: concatenate the low-res image
     text_dim: int = 4096                  # width of the text encoder (T5-XXL: 4096)
@@ -53,6 +56,8 @@ class UNetConfig:
                 raise ValueError(f"{name} must have one entry per level ({n}), got {getattr(self, name)!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
+        if self.resample not in ("conv", "biggan"):
+            raise ValueError(f"resample must be conv or biggan, got {self.resample!r}")
         if self.attention_impl not in ("auto", "xla", "cudnn"):
             raise ValueError(f"attention_impl must be auto, xla or cudnn, got {self.attention_impl!r}")
 
@@ -145,7 +150,10 @@ class UNet(nn.Module):
                     h = attend(h, lvl, f"down{lvl}")
                 skips.append(h)
             elif lvl < n - 1:
-                h = layers.downsample(h, ch, dtype, f"down{lvl}_pool")
+                if c.resample == "biggan":
+                    h = res_block(ch, c.num_groups, c.dropout, dtype, resample="down", name=f"down{lvl}_pool")(h, emb, train)
+                else:
+                    h = layers.downsample(h, ch, dtype, f"down{lvl}_pool")
                 skips.append(h)
 
         if not c.efficient:
@@ -157,8 +165,12 @@ class UNet(nn.Module):
         for lvl in reversed(range(n)):
             ch = chans[lvl]
             if c.efficient:
-                # Additive skip scaled by 1/sqrt(2): the sum of two unit-variance signals stays unit variance.
-                h = (h + skips.pop()) * skip_scale
+                # Additive skip scaled by 1/sqrt(2): the sum of two unit-variance signals stays unit
+                # variance. The lowest level's skip is the very activation arriving from below (no
+                # middle blocks in between), so adding it would only scale h by sqrt(2).
+                skip = skips.pop()
+                if lvl < n - 1:
+                    h = (h + skip) * skip_scale
                 for j in range(c.num_res_blocks[lvl]):
                     h = res_block(ch, c.num_groups, c.dropout, dtype, name=f"up{lvl}_res{j}")(h, emb, train)
                     if c.attn_every_block:
@@ -173,7 +185,9 @@ class UNet(nn.Module):
                     h = jnp.concatenate([h, skips.pop()], axis=-1)
                     h = res_block(ch, c.num_groups, c.dropout, dtype, name=f"up{lvl}_res{j}")(h, emb, train)
                     h = attend(h, lvl, f"up{lvl}_{j}")
-                if lvl > 0:
+                if lvl > 0 and c.resample == "biggan":
+                    h = res_block(ch, c.num_groups, c.dropout, dtype, resample="up", name=f"up{lvl}_upsample")(h, emb, train)
+                elif lvl > 0:
                     h = layers.upsample(h, ch, dtype, f"up{lvl}_upsample")
         if c.efficient:
             h = (h + skips.pop()) * skip_scale
