@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _CHECKPOINT_FILE = "checkpoint"  # T5X's msgpack file name inside checkpoint_N/
 _HF_INDEX = "model.safetensors.index.json"
+_HF_INDEX_FP16 = "model.safetensors.index.fp16.json"  # diffusers/HF fp16 variant of the shard set
 _EXPECTED = ("a T5X checkpoint directory (checkpoint_N/ with a msgpack 'checkpoint' file), "
              "that msgpack file itself, or Hugging Face T5 safetensors "
              "(a *.safetensors file, model.safetensors.index.json, or a directory of them)")
@@ -122,9 +123,14 @@ def open_encoder_arrays(path: str | os.PathLike) -> dict[str, ArraySource]:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, _CHECKPOINT_FILE)):
             return _t5x_arrays(path)
-        if os.path.isfile(os.path.join(path, _HF_INDEX)):
-            return _hf_arrays_from_index(os.path.join(path, _HF_INDEX))
-        shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        for index in (_HF_INDEX, _HF_INDEX_FP16):  # full precision first, as HF does without a variant
+            if os.path.isfile(os.path.join(path, index)):
+                return _hf_arrays_from_index(os.path.join(path, index))
+        # The int8 (bitsandbytes) variant is not a float checkpoint; a full-precision file wins over
+        # an fp16 variant lying beside it (diffusers downloads name variants model.fp16[-N-of-M]).
+        shards = [f for f in sorted(glob.glob(os.path.join(path, "*.safetensors")))
+                  if ".8bit." not in os.path.basename(f)]
+        shards = [f for f in shards if not re.search(r"\.fp16[.-]", os.path.basename(f))] or shards
         if shards:
             return _hf_arrays(shards, path)
         steps = _t5x_steps(path)

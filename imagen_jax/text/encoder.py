@@ -26,6 +26,8 @@ from imagen_jax.text.tokenizer import T5Tokenizer
 
 def _encode_zeroed(config: t5.T5Config, params, ids, mask):
     emb = t5.T5Encoder(config).apply({"params": params}, ids, mask)
+    if config.key_only_mask:
+        return emb, mask  # HF semantics: pad rows are real outputs, which IF's U-Net reads
     # Padded positions carry no meaning (T5X masks them as queries too); zero them so they
     # are deterministic, compress well and cannot leak into a mean over length.
     return emb * mask[..., None].astype(emb.dtype), mask
@@ -96,7 +98,8 @@ class TextEncoder:
     def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """B prompts -> (embeddings [B, L, D] in config.dtype, mask bool [B, L]).
 
-        Embeddings at padded positions (mask False) are zero.
+        Embeddings at padded positions (mask False) are zero, unless config.key_only_mask (HF
+        semantics), where they are the encoder's outputs there.
         """
         ids, mask = self.tokenizer.tokenize(prompts)
         return self.encode_tokens(ids, mask)
@@ -124,7 +127,7 @@ class TextEncoder:
     def from_checkpoint(cls, t5_path: str, vocab_path: str, *, max_length: int = 128,
                         dtype: Any = jnp.float32, compute_dtype: Any = None,
                         mesh: Mesh | None = None, batch_axis: str | tuple[str, ...] | None = None,
-                        rules=None) -> "TextEncoder":
+                        rules=None, **config_overrides) -> "TextEncoder":
         """Load T5 weights (any format `t5.load_checkpoint` reads) and the SentencePiece vocab.
 
         With a mesh and `rules` (logical axis rules, see t5.DEFAULT_RULES), parameters are
@@ -136,7 +139,7 @@ class TextEncoder:
             shardings = (t5.sharding_fn(mesh, rules) if rules is not None
                          else NamedSharding(mesh, P()))
         config, params = t5.load_checkpoint(t5_path, dtype=dtype, shardings=shardings,
-                                            compute_dtype=compute_dtype)
+                                            compute_dtype=compute_dtype, **config_overrides)
         return cls(config, params, tokenizer, mesh=mesh, batch_axis=batch_axis)
 
     @classmethod

@@ -85,6 +85,9 @@ class T5Config:
     dtype: DType = jnp.float32        # compute dtype (bfloat16 on accelerators); norms stay float32
     param_dtype: DType = jnp.float32  # dtype of freshly initialised parameters
     float32_logits: bool = False      # T5X's float32_attention_logits (off in the T5 1.1 configs)
+    # Hugging Face semantics (DeepFloyd IF): mask keys only, so padded rows attend to the real
+    # tokens and hold meaningful values. T5X (the default) masks padded queries as well.
+    key_only_mask: bool = False
 
     @classmethod
     def from_size(cls, name: str, **overrides) -> "T5Config":
@@ -289,9 +292,15 @@ class Encoder(nn.Module):
                                         cfg.dtype, cfg.param_dtype, name="relpos_bias")(length)
         # T5X masks a pair unless both query and key are real tokens. Padded queries thus see
         # every key masked: their outputs are meaningless (and differ from HF's) but finite.
-        pair = mask[:, None, :, None] & mask[:, None, None, :]
-        mask_bias = jnp.where(pair, 0.0, -1e10).astype(cfg.dtype)
-        bias = mask_bias + pos_bias  # [B, H, L, L], computed once, shared by all layers
+        # HF (key_only_mask) masks keys only.
+        pair = mask[:, None, None, :]
+        if not cfg.key_only_mask:
+            pair = pair & mask[:, None, :, None]
+        # Summed in float32 and floored at the compute dtype's minimum: a fixed -1e10 becomes -inf
+        # in float16, and a row of -inf (a padded T5X query) makes the softmax NaN.
+        low = float(jnp.finfo(cfg.dtype).min)
+        mask_bias = jnp.where(pair, 0.0, max(-1e10, low))
+        bias = jnp.maximum(mask_bias + pos_bias.astype(jnp.float32), low).astype(cfg.dtype)  # [B, H, L, L]
         for i in range(cfg.num_layers):
             x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias)
         return RMSNorm(cfg.layer_norm_eps, cfg.dtype, cfg.param_dtype, name="encoder_norm")(x)
