@@ -62,6 +62,29 @@ DIFFUSERS_DEFAULTS = dict(
     addition_embed_type_num_heads=64,
 )
 
+# The released configs (IF-I-XL-v1.0/unet/config.json; IF-II-L-v1.0 as published plus diffusers'
+# scripts/convert_if.py for the keys the published copy cuts off), for building the real-size
+# networks without their weights (eval_shape, benchmarks, pod configs).
+IF_I_XL = dict(
+    in_channels=3, out_channels=6, sample_size=64, block_out_channels=[704, 1408, 2112, 2816], layers_per_block=3,
+    down_block_types=["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * 3,
+    up_block_types=["SimpleCrossAttnUpBlock2D"] * 3 + ["ResnetUpsampleBlock2D"],
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", mid_block_scale_factor=1, attention_head_dim=64,
+    cross_attention_dim=2816, encoder_hid_dim=4096, encoder_hid_dim_type="text_proj", cross_attention_norm="group_norm",
+    addition_embed_type="text", addition_embed_type_num_heads=64, class_embed_type=None, act_fn="gelu",
+    resnet_time_scale_shift="scale_shift", resnet_skip_time_act=False, resnet_out_scale_factor=1.0,
+    norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0)
+IF_II_L = dict(
+    in_channels=6, out_channels=6, sample_size=256, block_out_channels=[160, 320, 640, 960, 1280],
+    layers_per_block=[2, 2, 3, 5, 5], down_block_types=["ResnetDownsampleBlock2D"] * 3 + ["SimpleCrossAttnDownBlock2D"] * 2,
+    up_block_types=["SimpleCrossAttnUpBlock2D"] * 2 + ["ResnetUpsampleBlock2D"] * 3,
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", mid_block_scale_factor=1 / 0.7071, attention_head_dim=64,
+    cross_attention_dim=1280, encoder_hid_dim=4096, encoder_hid_dim_type="text_proj", cross_attention_norm="group_norm",
+    addition_embed_type="text", addition_embed_type_num_heads=64, class_embed_type="timestep", act_fn="gelu",
+    resnet_time_scale_shift="scale_shift", resnet_skip_time_act=True, resnet_out_scale_factor=1 / 0.7071,
+    time_embedding_dim=1280, time_embedding_act_fn="gelu", upcast_attention=False,
+    norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0)
+
 WEIGHTS = "diffusion_pytorch_model"  # diffusers' file stem: <stem>[.fp16].safetensors[.index.json]
 
 
@@ -671,7 +694,7 @@ def load_params(unet_dir, module: IFUNet, shardings=None):
         if flax_shape != tuple(expected[path].shape):
             wrong.append(f"{name} {shape}")
     if wrong:
-        raise IFConfigError(f"{origin}: {len(wrong)} tensor(s) have the wrong shape for config.json: {wrong[:5]}")
+        raise IFConfigError(f"{origin}: {len(wrong)} tensor(s) have the wrong shape for config.json: {sorted(wrong)[:5]}")
     flat_sh = traverse_util.flatten_dict(shardings) if shardings is not None else {}
 
     def load(path):
@@ -713,5 +736,5 @@ def count_params(tree) -> int:
     return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.meta.unbox(tree)))
 
 
-__all__ = ["IFConfigError", "IFUNet", "IFUNetConfig", "build_unet", "count_params", "init_inputs", "load_params",
+__all__ = ["IF_II_L", "IF_I_XL", "IFConfigError", "IFUNet", "IFUNetConfig", "build_unet", "count_params", "init_inputs", "load_params",
            "load_unet", "param_shapes", "read_config", "resolve_config", "timestep_features"]
