@@ -182,3 +182,166 @@ def test_bad_scheduler_configs(tmp_path):
         discrete.DiscreteSchedule().timesteps(0)
     with pytest.raises(ValueError, match="per-step noise arrays"):
         discrete.expand_step_noise(discrete.DiscreteSchedule(), 4, [np.zeros(3)])
+
+
+# --------------------------------------------------------------------------- tiny saved pipelines
+
+def tiny_unet(stage):
+    """A random UNet2DConditionModel of IF's block family (diffusers' own IF test sizes)."""
+    common = dict(layers_per_block=1, block_out_channels=[32, 64],
+                  down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+                  mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                  up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+                  out_channels=6, cross_attention_dim=32, encoder_hid_dim=32, attention_head_dim=8,
+                  addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+                  resnet_time_scale_shift="scale_shift", act_fn="gelu")
+    if stage == "I":
+        cfg = dict(common, sample_size=16, in_channels=3)
+    else:  # IF-II-L's flags: class label embedding, gelu after the summed embeddings, 1/0.7071 skips
+        cfg = dict(common, sample_size=32, in_channels=6, class_embed_type="timestep",
+                   mid_block_scale_factor=1 / 0.7071, resnet_out_scale_factor=1 / 0.7071,
+                   time_embedding_act_fn="gelu", time_embedding_dim=32, resnet_skip_time_act=True)
+    torch.manual_seed(0 if stage == "I" else 1)
+    unet = diffusers.UNet2DConditionModel(**cfg).eval()
+    with torch.no_grad():  # diffusers zero-inits conv_out; random outputs make the comparison meaningful
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return unet
+
+
+def save_pipeline(stage, path, vocab, text_encoder, with_text=True):
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+
+    kw = dict(unet=tiny_unet(stage), scheduler=DDPMScheduler(**(IF_I_SCHEDULER if stage == "I" else IF_II_SCHEDULER)),
+              safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    tok = tiny_tokenizer(vocab) if with_text else None
+    kw.update(tokenizer=tok, text_encoder=text_encoder if with_text else None)
+    if stage == "I":
+        pipe = IFPipeline(**kw)
+    else:
+        pipe = IFSuperResolutionPipeline(image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+                                         **kw)
+    pipe.save_pretrained(path, safe_serialization=True)
+    if with_text:  # IF's published tokenizer/ holds spiece.model (transformers 5 saves tokenizer.json only)
+        shutil.copy(vocab, os.path.join(path, "tokenizer", "spiece.model"))
+    return pipe
+
+
+def tiny_tokenizer(vocab):
+    d = os.path.join(os.path.dirname(vocab), "hf_tok")
+    if not os.path.isdir(d):
+        os.makedirs(d)
+        shutil.copy(vocab, os.path.join(d, "spiece.model"))
+        with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+            json.dump({"model_max_length": 77, "extra_ids": 0, "eos_token": "</s>", "pad_token": "<pad>",
+                       "unk_token": "<unk>"}, f)
+    return transformers.T5Tokenizer.from_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("if")
+    vocab = train_sentencepiece(CAPTIONS, str(root / "sp" / "t5"), vocab_size=100, model_type="unigram")  # as T5
+    torch.manual_seed(2)
+    t5cfg = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                  relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                  is_encoder_decoder=False, use_cache=False)
+    text_encoder = transformers.T5EncoderModel(t5cfg).eval()
+    one, two = str(root / "IF-I"), str(root / "IF-II")
+    p1 = save_pipeline("I", one, vocab, text_encoder)
+    p2 = save_pipeline("II", two, vocab, text_encoder, with_text=False)
+    return dict(I=one, II=two, torch_I=p1, torch_II=p2, root=root)
+
+
+@pytest.fixture(scope="module")
+def pipe(pipelines):
+    from imagen_jax import deepfloyd
+    return deepfloyd.IFPipeline.load(pipelines["I"], pipelines["II"], accept_license=True)
+
+
+PROMPTS = ["A Red circle on a blue square  ", "two green triangles and the lazy dog"]
+
+
+def test_prompt_embeddings_match_diffusers_encode_prompt(pipelines, pipe):
+    ref_pos, ref_neg = pipelines["torch_I"].encode_prompt(PROMPTS, do_classifier_free_guidance=True,
+                                                          clean_caption=False)
+    pos, neg = pipe.encode(PROMPTS)
+    assert pos.shape == (2, 77, 32) and neg.shape == (2, 77, 32)
+    # Measured ~2e-7: float32 rounding in a 2-layer T5.
+    np.testing.assert_allclose(pos, ref_pos.detach().numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(neg, ref_neg.detach().numpy(), atol=1e-5, rtol=0)
+    assert np.abs(pos[:, -1]).max() > 0.1  # pad rows are kept (HF semantics), not zeroed
+
+
+def run_diffusers(pipelines, steps, guidance, noise_level=250):
+    p1, p2 = pipelines["torch_I"], pipelines["torch_II"]
+    pos, neg = p1.encode_prompt(PROMPTS, do_classifier_free_guidance=True, clean_caption=False)
+    with torch.no_grad(), recorded_noise() as draws1:
+        img1 = p1(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=steps[0],
+                  guidance_scale=guidance[0], output_type="pt").images
+    with torch.no_grad(), recorded_noise() as draws2:
+        img2 = p2(image=img1, prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=steps[1],
+                  guidance_scale=guidance[1], noise_level=noise_level, output_type="pt").images
+    return ([nchw_to_nhwc(img1.numpy()), nchw_to_nhwc(img2.numpy())],
+            [[nchw_to_nhwc(d) for d in draws1], [nchw_to_nhwc(d) for d in draws2]])
+
+
+@pytest.mark.parametrize("steps,guidance", [((4, 3), (7.0, 4.0)), ((2, 6), (3.0, 1.5))])
+def test_stage_I_and_II_runs_replay_diffusers(pipelines, pipe, steps, guidance):
+    from imagen_jax import deepfloyd
+
+    ref, noise = run_diffusers(pipelines, steps, guidance)
+    assert len(noise[0]) == 1 + steps[0] - 1 and len(noise[1]) == 2 + steps[1] - 1  # the draw order
+    with jax.default_matmul_precision("highest"):
+        ours = pipe.sample(PROMPTS, steps=steps, guidance=guidance, noise=noise)
+        emb, neg = pipe.encode(PROMPTS)
+        sr = pipe.sampler(1, deepfloyd.IFSettings(steps=steps[1], guidance=guidance[1]), neg[:1])  # compiled
+        ours_ii = np.asarray(sr(emb, None, ref[0], noise=noise[1], guidance=guidance[1]))  # on diffusers' stage I
+    assert [o.shape for o in ours] == [(2, 16, 16, 3), (2, 32, 32, 3)]
+    # The U-Nets alone differ by ~4e-6 at outputs of ~1.5 (float32 rounding: torch float32 and ours
+    # are equally far, ~3.5e-6, from torch float64). Each step amplifies that by the guidance,
+    # (1 + 2w), and by sqrt((1 - abar) / abar) in the x0 prediction (~2.5 at t=750): ~1e-4 of float32
+    # noise per step. Measured: stage I 3.1e-4, stage II alone 2.2e-4 (w = 7, 4); the chained stage
+    # II 5.3e-3, as it also amplifies stage I's difference in its low-res input. A wrong formula
+    # (variance, threshold, guidance, upscale, augmentation) moves outputs by >= 5e-2.
+    err = [float(np.abs(a - b).max()) for a, b in ((ours[0], ref[0]), (ours_ii, ref[1]), (ours[1], ref[1]))]
+    print(f"steps {steps} guidance {guidance}: max abs error stage I {err[0]:.2e}, stage II alone {err[1]:.2e}, "
+          f"chained {err[2]:.2e}")
+    assert err[0] < 1e-3 and err[1] < 1e-3 and err[2] < 2e-2, err
+    assert np.abs(ref[1]).max() <= 1.0  # stage II thresholds to [-1, 1] (sample_max_value 1)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_licence_is_required_and_nothing_loads(pipelines, monkeypatch):
+    from imagen_jax import deepfloyd
+    from imagen_jax.models import deepfloyd_if
+
+    monkeypatch.setattr(deepfloyd_if, "load_unet", lambda *a, **k: pytest.fail("loaded without the licence"))
+    with pytest.raises(deepfloyd.LicenseNotAcceptedError, match="DeepFloyd IF License.*accept_license=True"):
+        deepfloyd.IFPipeline.load(pipelines["I"])
+
+
+def test_bad_layouts_give_one_clear_message(pipelines, tmp_path):
+    from imagen_jax import deepfloyd
+
+    load = lambda *a: deepfloyd.IFPipeline.load(*a, accept_license=True)  # noqa: E731
+    with pytest.raises(deepfloyd.IFError, match="no such directory"):
+        load(str(tmp_path / "nope"))
+    with pytest.raises(deepfloyd.IFError, match=r"model_index.json: missing"):
+        load(str(tmp_path))
+    with pytest.raises(deepfloyd.IFError, match="is a stage I .* but a stage II .* is expected"):
+        load(pipelines["I"], pipelines["I"])
+    with pytest.raises(deepfloyd.IFError, match="is a stage II .* but a stage I .* is expected"):
+        load(pipelines["II"])
+    broken = tmp_path / "broken"
+    shutil.copytree(pipelines["I"], broken)
+    os.remove(broken / "unet" / "config.json")
+    with pytest.raises(deepfloyd.IFError, match=r"unet/config.json: missing"):
+        load(str(broken))
+    shutil.copy(os.path.join(pipelines["I"], "unet", "config.json"), broken / "unet" / "config.json")
+    for f in (broken / "text_encoder").glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(ValueError, match=r"text_encoder: only PyTorch .bin weights, which are never unpickled"):
+        load(str(broken))
