@@ -43,57 +43,59 @@ def human(n):
 
 def main(argv):
     del argv
-    config = FLAGS.config
+    return cli.run(_main)
+
+
+def _main():
+    config = cli.config_flag()
     if config is None:
-        print("error: --config is required", file=sys.stderr)
-        return 2
-    try:
-        rows, total = param_report(config)
-        for name, n in rows:
-            print(f"{name:32s} {n:>15,d}")
-        print(f"stage={config.stage} total={total:,d}")
-        print(f"params={total}")
-        if not FLAGS.compile:
-            return 0
-        batch = FLAGS.batch_size or int(config.train.batch_size)
-        if FLAGS.topology:
-            from imagen_jax import topology
-            spec = topology.slice_spec(FLAGS.topology)
-            devices = topology.topology_devices(FLAGS.topology)
-            trainer, lowered = training.lower_train_step(config, devices, batch)
-            compiled, rep = topology.compile_and_report(lowered, spec, FLAGS.mfu, trainer.microbatches)
-            print(f"topology={FLAGS.topology} chips={len(devices)} batch={batch} "
-                  f"microbatches={trainer.microbatches} mesh={dict(config.mesh)}")
-            if compiled is not None:
-                print(f"per-chip memory: arguments {human(rep['argument_bytes'])}, temporaries "
-                      f"{human(rep['temp_bytes'])}, outputs {human(rep['output_bytes'])}, aliased "
-                      f"{human(rep['alias_bytes'])}, total {human(rep['per_chip_bytes'])} of HBM {human(rep['hbm_bytes'])}")
-            if rep.get("flops"):
-                chip = topology.chip_spec(FLAGS.topology)
-                print(f"flops per step per chip: {rep['flops']:.4g}; estimated step time at {FLAGS.mfu:.0%} MFU "
-                      f"of {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s: {rep['est_step_time']:.3f}s "
-                      f"({batch / rep['est_step_time']:.1f} images/s)")
-            print(topology.format_fits_line(rep))
-            return 0
-        _, lowered = training.lower_train_step(config, jax.devices(), batch)
-        compiled = lowered.compile()
-        mem = compiled.memory_analysis()
-        per_dev = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                   + mem.temp_size_in_bytes)
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        stats = jax.devices()[0].memory_stats() or {}
-        limit = stats.get("bytes_limit")
-        print(f"devices={jax.device_count()} ({jax.devices()[0].device_kind}) batch={batch}")
-        print(f"per-device memory: arguments {human(mem.argument_size_in_bytes)}, temporaries "
-              f"{human(mem.temp_size_in_bytes)}, total {human(per_dev)}"
-              + (f" of {human(limit)}" if limit else ""))
-        print(f"flops per step per device: {float((cost or {}).get('flops', 0)):.4g}")
-        print(f"per_device_bytes={int(per_dev)}" + (f" device_limit_bytes={int(limit)}" if limit else ""))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        raise cli.UsageError("--config is required")
+    if FLAGS.batch_size < 0:
+        raise cli.UsageError(f"--batch_size must be >= 0 (0: the config's train.batch_size), got {FLAGS.batch_size}")
+    if not 0.0 < FLAGS.mfu <= 1.0:
+        raise cli.UsageError(f"--mfu must be in (0, 1], got {FLAGS.mfu}")
+    rows, total = param_report(config)
+    for name, n in rows:
+        print(f"{name:32s} {n:>15,d}")
+    print(f"stage={config.stage} total={total:,d}")
+    print(f"params={total}")
+    if not FLAGS.compile:
+        return
+    batch = FLAGS.batch_size or int(config.train.batch_size)
+    if FLAGS.topology:
+        from imagen_jax import topology
+        spec = topology.slice_spec(FLAGS.topology)
+        devices = topology.topology_devices(FLAGS.topology)
+        trainer, lowered = training.lower_train_step(config, devices, batch)
+        compiled, rep = topology.compile_and_report(lowered, spec, FLAGS.mfu, trainer.microbatches)
+        print(f"topology={FLAGS.topology} chips={len(devices)} batch={batch} "
+              f"microbatches={trainer.microbatches} mesh={dict(config.mesh)}")
+        if compiled is not None:
+            print(f"per-chip memory: arguments {human(rep['argument_bytes'])}, temporaries "
+                  f"{human(rep['temp_bytes'])}, outputs {human(rep['output_bytes'])}, aliased "
+                  f"{human(rep['alias_bytes'])}, total {human(rep['per_chip_bytes'])} of HBM {human(rep['hbm_bytes'])}")
+        if rep.get("flops"):
+            chip = topology.chip_spec(FLAGS.topology)
+            print(f"flops per step per chip: {rep['flops']:.4g}; estimated step time at {FLAGS.mfu:.0%} MFU "
+                  f"of {chip.peak_bf16_flops / 1e12:.0f} TFLOP/s: {rep['est_step_time']:.3f}s "
+                  f"({batch / rep['est_step_time']:.1f} images/s)")
+        print(topology.format_fits_line(rep))
+        return
+    _, lowered = training.lower_train_step(config, jax.devices(), batch)
+    compiled = lowered.compile()
+    mem = compiled.memory_analysis()
+    per_dev = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+               + mem.temp_size_in_bytes)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    print(f"devices={jax.device_count()} ({jax.devices()[0].device_kind}) batch={batch}")
+    print(f"per-device memory: arguments {human(mem.argument_size_in_bytes)}, temporaries "
+          f"{human(mem.temp_size_in_bytes)}, total {human(per_dev)}"
+          + (f" of {human(limit)}" if limit else ""))
+    print(f"flops per step per device: {float((cost or {}).get('flops', 0)):.4g}")
+    print(f"per_device_bytes={int(per_dev)}" + (f" device_limit_bytes={int(limit)}" if limit else ""))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ import sys
 
 from absl import app, flags
 
-from imagen_jax import sampling
+from imagen_jax import cli, sampling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompts_file", None, "A file with one prompt per line.")
-flags.DEFINE_string("stages", None, "Comma-separated stage directories (workdirs or bundles), base first.")
+flags.DEFINE_string("stages", None, "Comma-separated stage directories (workdirs, bundles or DeepFloyd IF "
+                    "diffusers pipeline directories), base first.")
 flags.DEFINE_string("out", None, "Output directory (must not exist unless --overwrite).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 flags.DEFINE_integer("num_images", 1, "Images per prompt.")
@@ -30,24 +31,27 @@ flags.DEFINE_float("eta", 0.0, "DDIM eta.")
 flags.DEFINE_string("thresholding", None, "none | static | dynamic, one or one per stage (default dynamic).")
 flags.DEFINE_float("percentile", 99.5, "Dynamic-thresholding percentile (0, 100].")
 flags.DEFINE_string("aug_level", None, "Noise-augmentation level of each SR stage, in [0, 1] (default 0).")
+flags.DEFINE_string("noise_level", None, "DeepFloyd IF stage II: integer noise-augmentation timestep (default 250).")
+flags.DEFINE_bool("accept_license", False, "Acknowledge the DeepFloyd IF License (non-commercial research only); "
+                  "required to load IF stages (diffusers pipeline directories).")
 
 
 def main(argv):
     del argv
-    try:
-        if not FLAGS.stages or not FLAGS.out:
-            raise sampling.UsageError("--stages and --out are required")
-        prompts = sampling.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
-        sampling.generate([d for d in FLAGS.stages.split(",") if d], prompts, FLAGS.out,
-                          num_images=FLAGS.num_images, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-                          overwrite=FLAGS.overwrite, steps=FLAGS.steps, guidance=FLAGS.guidance,
-                          sampler=FLAGS.sampler, eta=FLAGS.eta, thresholding=FLAGS.thresholding,
-                          percentile=FLAGS.percentile, aug_level=FLAGS.aug_level)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run(_main)
+
+
+def _main():
+    if not FLAGS.stages or not FLAGS.out:
+        raise sampling.UsageError("--stages and --out are required")
+    prompts = sampling.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
+    sampling.generate([d for d in FLAGS.stages.split(",") if d], prompts, FLAGS.out,
+                      num_images=FLAGS.num_images, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                      overwrite=FLAGS.overwrite, steps=FLAGS.steps, guidance=FLAGS.guidance,
+                      sampler=FLAGS.sampler, eta=FLAGS.eta, thresholding=FLAGS.thresholding,
+                      percentile=FLAGS.percentile, aug_level=FLAGS.aug_level, noise_level=FLAGS.noise_level,
+                      accept_license=FLAGS.accept_license)
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

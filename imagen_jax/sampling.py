@@ -1,16 +1,18 @@
 """Prompt -> images through a cascade of stages: the library behind `imagen_jax.sample`, the demo and
 FID evaluation (settings per stage, prompt reading, writing images atomically)."""
 import json
+import math
 import os
 import shutil
 
 import jax
 import numpy as np
+from etils import epath
 
-from imagen_jax import cascade, conditioning, parallel
+from imagen_jax import cascade, cli, conditioning, parallel
 
 
-class UsageError(ValueError):
+class UsageError(cli.UsageError):
     pass
 
 
@@ -38,39 +40,172 @@ def read_prompts(prompts, prompts_file):
     return prompts
 
 
+def _is_if(stage):
+    return getattr(stage, "family", "imagen") == "deepfloyd_if"
+
+
+def _sampling_defaults(stage):
+    """(steps, guidance, sampler) a stage samples with by default: its config's, or diffusers' for IF."""
+    if _is_if(stage):
+        from imagen_jax import deepfloyd
+        d = deepfloyd.default_settings(stage)
+        return d.steps, d.guidance, d.sampler
+    return int(stage.config.sampling.steps), float(stage.config.sampling.guidance), stage.config.sampling.sampler
+
+
 def settings_for(stages, *, steps=None, guidance=None, sampler=None, eta=0.0, thresholding=None,
-                 percentile=99.5, aug_level=None):
+                 percentile=99.5, aug_level=None, noise_level=None):
     n = len(stages)
-    steps = per_stage(steps, n, "steps", int, [int(s.config.sampling.steps) for s in stages])
-    guidance = per_stage(guidance, n, "guidance", float, [float(s.config.sampling.guidance) for s in stages])
-    samplers = per_stage(sampler, n, "sampler", str, [s.config.sampling.sampler for s in stages])
+    defaults = [_sampling_defaults(s) for s in stages]
+    steps = per_stage(steps, n, "steps", int, [d[0] for d in defaults])
+    guidance = per_stage(guidance, n, "guidance", float, [d[1] for d in defaults])
+    samplers = per_stage(sampler, n, "sampler", str, [d[2] for d in defaults])
     thresh = per_stage(thresholding, n, "thresholding", str, ["dynamic"] * n)
     sr = n - 1
     augs = [0.0] + (per_stage(aug_level, sr, "aug_level", float, [0.0] * sr) if sr else [])
     if not sr and aug_level is not None:
         raise UsageError("--aug_level applies to super-resolution stages, but only a base stage was given")
-    return [cascade.StageSettings(sampler=samplers[i], steps=steps[i], guidance=guidance[i], thresholding=thresh[i],
-                                  percentile=percentile, eta=eta, aug_level=augs[i]) for i in range(n)]
+    if_sr = [i for i, s in enumerate(stages) if _is_if(s) and s.is_sr]
+    levels = dict(zip(if_sr, per_stage(noise_level, len(if_sr), "noise_level", int, [250] * len(if_sr)))) \
+        if if_sr else {}
+    if noise_level is not None and not if_sr:
+        raise UsageError("--noise_level applies to DeepFloyd IF stage II, but none was given")
+    out = []
+    for i, st in enumerate(stages):
+        if _is_if(st):  # IF's discrete DDPM: thresholding is its scheduler config's, not a flag
+            from imagen_jax import deepfloyd
+            out.append(deepfloyd.IFSettings(sampler=samplers[i], steps=steps[i], guidance=guidance[i], eta=eta,
+                                            noise_level=levels.get(i, 250)))
+        else:
+            out.append(cascade.StageSettings(sampler=samplers[i], steps=steps[i], guidance=guidance[i],
+                                             thresholding=thresh[i], percentile=percentile, eta=eta,
+                                             aug_level=augs[i]))
+    return out
+
+
+# settings.json of a sample output carries it: --overwrite replaces only directories that hold it.
+SAMPLE_MARKER = "imagen_jax.sample"
+MAX_IMAGES = 1_000_000
+
+
+def is_sample_output(out) -> bool:
+    """A directory written by `generate` (settings.json with the marker, or with the keys that
+    earlier versions wrote) and nothing that makes it a workdir or a bundle."""
+    d = epath.Path(out)
+    if not d.is_dir() or any((d / n).exists() for n in ("config.json", "info.json", "checkpoints")):
+        return False
+    try:
+        record = json.loads((d / "settings.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict):
+        return False
+    return record.get("written_by") == SAMPLE_MARKER or {"prompts", "stages", "text_encoder"} <= set(record)
+
+
+def check_replaceable(out):
+    d = epath.Path(out)
+    if d.is_dir() and not any(d.iterdir()):
+        return
+    if not is_sample_output(out):
+        raise UsageError(f"--out {out} exists and is not a previous sample output (no settings.json written "
+                         "by imagen_jax.sample); refusing to replace it: give a new --out")
+
+
+def check_request(stage_dirs, prompts, out, *, num_images, overwrite, **setting_flags):
+    """Everything about a request that can be refused before a model is loaded."""
+    if not stage_dirs:
+        raise UsageError("--stages is empty: give the stage directories, base first")
+    if not 1 <= num_images or len(prompts) * num_images > MAX_IMAGES:
+        raise UsageError(f"--num_images must be >= 1 and at most {MAX_IMAGES} images in all "
+                         f"({len(prompts)} prompts), got {num_images}")
+    for name in ("guidance", "aug_level", "steps"):
+        value = setting_flags.get(name)
+        for v in ([] if value is None else str(value).split(",")):
+            try:
+                ok = math.isfinite(float(v))
+            except ValueError:
+                ok = False
+            if not ok:
+                raise UsageError(f"--{name} {value!r}: {v.strip()!r} is not a finite number")
+    for name in ("eta", "percentile"):
+        v = setting_flags.get(name)
+        if v is not None and not math.isfinite(float(v)):
+            raise UsageError(f"--{name} must be a finite number, got {v}")
+    out_s = os.fspath(out)
+    cli.check_output(out_s, "--out")
+    for d in stage_dirs:
+        if cli.overlaps(out_s, d):
+            raise UsageError(f"--out {out_s} overlaps the stage directory {d}; give another output path")
+    if os.path.lexists(out_s):
+        if not overwrite:
+            raise UsageError(f"output directory {out_s} exists (pass --overwrite to replace it)")
+        check_replaceable(out_s)
+
+
+def check_memory(stages, n):
+    """Refuses a run whose host-side arrays (every stage's uint8 images and the text embeddings, all
+    kept until the end) would not fit in the memory available now."""
+    per_image = sum(3 * st.image_size ** 2 for st in stages)
+    for st in stages:
+        if _is_if(st):
+            per_image += 4 * 77 * st.text_dim
+        elif st is stages[0]:
+            text = st.config.get("text", {})
+            per_image += 4 * int(text.get("max_length", 128)) * int(st.config.model.get("text_dim", 4096))
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if n * per_image > avail // 2:
+        raise UsageError(f"{n} images need about {n * per_image / 2**30:.1f} GiB of host memory, more than half of "
+                         f"the {avail / 2**30:.1f} GiB available; ask for at most {max(1, avail // 2 // per_image)}")
+
+
+def stage_texts(stages, prompts, mesh=None):
+    """Each stage's (embeddings, mask) by its family's convention, the IF negative embedding (or
+    None), and a description of the encoders. One encoder per family, loaded once."""
+    texts, masks, desc, negative = [None] * len(stages), [None] * len(stages), [], None
+    imagen = [s for s in stages if not _is_if(s)]
+    ifs = [s for s in stages if _is_if(s)]
+    if imagen:
+        cond = conditioning.build(imagen[0].config, workdir=imagen[0].source, mesh=None)
+        desc.append(cond.description)
+        t, m = cond(prompts)
+        for i, s in enumerate(stages):
+            if not _is_if(s):
+                texts[i], masks[i] = np.asarray(t), np.asarray(m)
+    if ifs:
+        from imagen_jax import deepfloyd
+        from imagen_jax.text import hf_t5
+        enc = deepfloyd.load_text_encoder(ifs, dtype=jax.tree_util.tree_leaves(ifs[0].params)[0].dtype)
+        emb, neg = hf_t5.encode_with_negative(enc, prompts)
+        negative = neg[:1]
+        desc.append(f"DeepFloyd IF T5 (HF semantics, 77 tokens) from {next(s.source for s in ifs if s.has_text_encoder)}")
+        for i, s in enumerate(stages):
+            if _is_if(s):
+                texts[i], masks[i] = emb, np.ones(emb.shape[:2], bool)
+    return texts, masks, negative, "; ".join(desc)
 
 
 def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, overwrite=False, log=print,
-             **setting_flags):
+             accept_license=False, **setting_flags):
     """Library form of the CLI: returns the final stage's uint8 images [N, S, S, 3]."""
     from PIL import Image
 
-    if os.path.exists(out) and not overwrite:
-        raise UsageError(f"output directory {out} exists (pass --overwrite to replace it)")
+    if batch_size < 0:
+        raise UsageError(f"--batch_size must be >= 0 (0: up to 64), got {batch_size}")
+    check_request(stage_dirs, prompts, out, num_images=num_images, overwrite=overwrite, **setting_flags)
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    stages = [cascade.load_stage(d, mesh) for d in stage_dirs]
+    stages = [cascade.load_stage(d, mesh, accept_license=accept_license) for d in stage_dirs]
     cascade.check_chain(stages)
     settings = settings_for(stages, **setting_flags)
-    samplers = [cascade.StageSampler(st, mesh, s) for st, s in zip(stages, settings)]
-    cond = conditioning.build(stages[0].config, workdir=stages[0].source, mesh=None)
-    log(f"text encoder: {cond.description}")
+    check_memory(stages, len(prompts) * num_images)
     expanded = [p for p in prompts for _ in range(num_images)]
-    text, mask = cond(expanded)
-    outputs, times = cascade.run_cascade(samplers, np.asarray(text), np.asarray(mask), seed,
-                                         batch_size=batch_size or None, log=log)
+    texts, masks, negative, text_desc = stage_texts(stages, expanded)
+    log(f"text encoder: {text_desc}")
+    samplers = [cascade.make_sampler(st, mesh, s, negative) for st, s in zip(stages, settings)]
+    outputs, times = cascade.run_cascade(samplers, texts, masks, seed, batch_size=batch_size or None, log=log)
     final = outputs[-1]
     if jax.process_index() == 0:
         partial = out.rstrip("/") + ".partial"
@@ -80,14 +215,19 @@ def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, ov
             Image.fromarray(img).save(os.path.join(partial, "images", f"{i // num_images:04d}_{i % num_images:02d}.png"))
         Image.fromarray(cascade.grid(final, cols=num_images if num_images > 1 else None)).save(
             os.path.join(partial, "grid.png"))
-        record = {"prompts": prompts, "num_images": num_images, "seed": seed,
+        record = {"written_by": SAMPLE_MARKER, "prompts": prompts, "num_images": num_images, "seed": seed,
                   "batch_size": batch_size, "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
                   "stages": [{"source": st.source, "step": st.step, "resolution": st.image_size,
                               "seconds": round(t, 3), **s.__dict__} for st, s, t in zip(stages, settings, times)],
-                  "text_encoder": cond.description, "jax": jax.__version__}
+                  "text_encoder": text_desc, "jax": jax.__version__}
+        if any(_is_if(st) for st in stages):
+            from imagen_jax import deepfloyd
+            record["license"] = deepfloyd.ATTRIBUTION  # the DeepFloyd IF licence's attribution (its section 3)
+            log(deepfloyd.ATTRIBUTION)
         with open(os.path.join(partial, "settings.json"), "w") as f:
             json.dump(record, f, indent=2)
-        if os.path.exists(out):
+        if os.path.lexists(out):
+            check_replaceable(out)  # again: the directory may have changed while sampling
             shutil.rmtree(out)
         os.replace(partial, out)
         log(f"wrote {len(final)} images at {final.shape[1]}x{final.shape[2]} to {out}")

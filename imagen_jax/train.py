@@ -21,15 +21,17 @@ flags.DEFINE_integer("stop_after", 0, "Stop (with a checkpoint) after this many 
 
 def main(argv):
     del argv
-    if FLAGS.workdir is None or FLAGS.config is None:
-        print("error: --config and --workdir are required", file=sys.stderr)
-        return 2
-    try:
-        loop.train(FLAGS.config, FLAGS.workdir, stop_after=FLAGS.stop_after)
-    except (ValueError, loop.TrainingError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run(_main)
+
+
+def _main():
+    config = cli.config_flag()
+    if FLAGS.workdir is None or config is None:
+        raise cli.UsageError("--config and --workdir are required")
+    cli.check_output(FLAGS.workdir, "--workdir")
+    if FLAGS.stop_after < 0:
+        raise cli.UsageError(f"--stop_after must be >= 0, got {FLAGS.stop_after}")
+    loop.train(config, FLAGS.workdir, stop_after=FLAGS.stop_after)
 
 
 if __name__ == "__main__":

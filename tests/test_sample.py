@@ -89,7 +89,7 @@ def test_cli_empty_prompts_and_wrong_stage_exit_nonzero(stage_dirs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "imagen_jax.sample", f"--prompts_file={empty}",
                         f"--stages={stage_dirs['base64']}", f"--out={tmp_path / 'o'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "no prompts" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "no prompts" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "imagen_jax.sample", "--prompt=a red circle",
                         f"--stages={stage_dirs['sr256']}", f"--out={tmp_path / 'o'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
