@@ -327,7 +327,8 @@ class AttentionPooling(nn.Module):
         heads = lambda y: y.reshape(b, y.shape[1], self.num_heads, dph)  # noqa: E731
         scale = dph ** -0.25
         q, k, v = heads(proj("q_proj", cls)) * scale, heads(proj("k_proj", x)) * scale, heads(proj("v_proj", x))
-        w = jax.nn.softmax(jnp.einsum("bqhc,bkhc->bhqk", q, k, preferred_element_type=jnp.float32), axis=-1)
+        # diffusers softmaxes these logits in float32; with one query token the cast costs nothing
+        w = jax.nn.softmax(jnp.einsum("bqhc,bkhc->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)), axis=-1)
         out = jnp.einsum("bhqk,bkhc->bqhc", w.astype(v.dtype), v)
         return out.reshape(b, d)
 
@@ -369,6 +370,14 @@ class ResnetBlock(nn.Module):
         return layers.constrain((x + h) / self.output_scale_factor)
 
 
+def _xla_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v with float32 logits and softmax (as diffusers' upcast_softmax).
+    jax.nn.dot_product_attention(implementation="xla") does the same but pins an F16_F16_F32 dot
+    algorithm that the CPU backend refuses under jit, so fp16 would not run on CPU."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+
 class AddedKVAttention(nn.Module):
     """diffusers Attention with added_kv_proj_dim under AttnAddedKVProcessor: pixels (group-normed) query
     keys/values of [text ; pixels] (text only with only_cross_attention); the residual is added here."""
@@ -398,8 +407,10 @@ class AddedKVAttention(nn.Module):
             v = jnp.concatenate([v, dense("to_v", "embed", hs)], axis=1)
         split = lambda a: a.reshape(b, a.shape[1], heads, self.head_dim)  # noqa: E731
         # No mask reaches the IF U-Net: every key (pad rows of the text included) is attended to.
-        mask = jnp.ones((b, k.shape[1]), bool)
-        o = layers.attention(split(q), split(k), split(v), mask, self.attention_impl)
+        if self.attention_impl == "cudnn":
+            o = layers.attention(split(q), split(k), split(v), jnp.ones((b, k.shape[1]), bool), "cudnn")
+        else:
+            o = _xla_attention(split(q), split(k), split(v))
         o = _dense(ch, "heads", "embed", dt, pdt, "to_out_0")(o.reshape(b, hgt * wid, inner))
         return layers.constrain(x + o.reshape(b, hgt, wid, ch).astype(x.dtype))
 
