@@ -1,6 +1,7 @@
 """Shared command-line plumbing of the entry points: one-line errors, exit statuses (0 ok, 1 a
 runtime error, 2 a usage error: a bad flag, value or path) and checks that an output can be written
 before any work starts."""
+import argparse
 import os
 import sys
 
@@ -10,6 +11,14 @@ from etils import epath
 
 class UsageError(ValueError):
     """Bad user input found before any work: exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag on one line (not usage + error) with exit status 2."""
+
+    def error(self, message):
+        print(f"{self.prog.split('.')[-1]}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def one_line(e: BaseException) -> str:
@@ -23,7 +32,9 @@ def one_line(e: BaseException) -> str:
         text = lines[-1] if lines else type(e).__name__
     if isinstance(e, OSError) and e.filename and e.strerror:
         text = f"{e.filename}: {e.strerror}"
-    text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split()).strip("'\" ")
+    text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # absl quotes whole messages
+        text = text[1:-1].strip()
     return text or type(e).__name__
 
 
@@ -41,17 +52,20 @@ def config_flag(name="config"):
     """The config of an ml_collections config flag; a missing file or an unknown variant (raised when
     the flag is first read) becomes a UsageError naming it."""
     try:
-        return getattr(flags.FLAGS, name)
-    except OSError as e:
-        text = str(e)
-        missing = "No such file" in text or "Errno 2" in text
+        config = getattr(flags.FLAGS, name)
+        if config is not None:
+            config.get("stage")  # a config that failed to load raises on first use, not on access
+        return config
+    except Exception as e:  # noqa: BLE001 -- whatever loading the config module raises is the user's config
+        chain, c = [], e
+        while c is not None and len(chain) < 8:
+            chain.append(str(c))
+            c = c.__cause__ or c.__context__
         where = flags.FLAGS[name].serialize().split("=", 1)[-1]
-        if missing:
+        if any("No such file" in t or "Errno 2" in t for t in chain):
             raise UsageError(f"--{name}: config file {where.split(':')[0]!r} does not exist "
                              "(give configs/<stage>.py[:variant])") from None
-        raise UsageError(f"--{name} {where}: cannot load the config ({one_line(e)})") from None
-    except Exception as e:  # noqa: BLE001 -- whatever the config module raises is the user's config
-        raise UsageError(f"--{name}: {one_line(e)}") from None
+        raise UsageError(f"--{name} {where}: {one_line(e)}") from None
 
 
 def check_output(p, flag):

@@ -13,7 +13,7 @@ import time
 
 from absl import app, flags
 
-from imagen_jax import conditioning, sampling, training
+from imagen_jax import cli, conditioning, sampling, training
 from imagen_jax.data import shapes
 
 FLAGS = flags.FLAGS
@@ -62,14 +62,18 @@ def run(workdir, *, base_steps=0, sr_steps=0, num_prompts=16, seed=0, log=print)
 
 def main(argv):
     del argv
-    try:
+    def _run():
+        cli.check_output(FLAGS.workdir, "--workdir")
+        for name in ("base_steps", "sr_steps", "seed"):
+            if getattr(FLAGS, name) < 0:
+                raise cli.UsageError(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
+        if FLAGS.num_prompts < 1:
+            raise cli.UsageError(f"--num_prompts must be >= 1, got {FLAGS.num_prompts}")
         run(FLAGS.workdir, base_steps=FLAGS.base_steps, sr_steps=FLAGS.sr_steps, num_prompts=FLAGS.num_prompts,
             seed=FLAGS.seed)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return cli.run(_run)
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)

@@ -21,8 +21,10 @@ import os
 import sys
 from typing import Iterable, Sequence
 
+import ml_dtypes
 import numpy as np
 
+from imagen_jax import cli
 from imagen_jax.text.encoder import (STORE_FORMAT, STORE_VERSION, EmbeddingStore, TextEncoder,
                                      captions_digest)
 
@@ -32,7 +34,7 @@ __all__ = ["main", "encode_captions", "read_captions_file", "EmbeddingStore"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m imagen_jax.encode_text", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m imagen_jax.encode_text", description=__doc__.split("\n")[0])
     p.add_argument("--t5", required=True, help="T5X checkpoint dir / msgpack file, or HF safetensors")
     p.add_argument("--vocab", required=True, help="T5's SentencePiece model file")
     src = p.add_mutually_exclusive_group(required=True)
@@ -101,8 +103,31 @@ def _model_fingerprint(encoder: TextEncoder) -> str:
     shape = (c.vocab_size, c.d_model, c.num_heads, c.head_dim, c.d_ff, c.num_layers)
     h = hashlib.sha256(repr(shape).encode())  # not the dtype: resuming on other hardware is fine
     scale = encoder.params["encoder"]["encoder_norm"]["scale"]
-    h.update(np.asarray(scale, np.float32).tobytes())
+    # Rounded to bfloat16 first: parameters loaded as float32 and as bfloat16 then hash alike.
+    h.update(np.asarray(scale).astype(ml_dtypes.bfloat16).astype(np.float32).tobytes())
     return h.hexdigest()
+
+
+def _vocab_digest(vocab_path) -> str | None:
+    """SHA-256 of the SentencePiece model: another vocabulary gives other token ids, so a resume
+    with it would mix two encodings."""
+    if not vocab_path:
+        return None
+    from etils import epath
+
+    return hashlib.sha256(epath.Path(vocab_path).read_bytes()).hexdigest()
+
+
+def check_out(out: str) -> None:
+    """--out must be creatable; an existing non-empty one must be an embedding store (resuming writes
+    into it, so it is never another tool's directory)."""
+    from etils import epath
+
+    cli.check_output(out, "--out")
+    d = epath.Path(out)
+    if "://" not in out and d.is_dir() and any(d.iterdir()) and not (d / EmbeddingStore.META).exists():
+        raise cli.UsageError(f"--out {out} exists and is not an embedding store (no {EmbeddingStore.META}); "
+                             "give a new or empty directory")
 
 
 def encode_captions(encoder: TextEncoder, captions: Sequence[str], out: str, *,
@@ -123,14 +148,15 @@ def encode_captions(encoder: TextEncoder, captions: Sequence[str], out: str, *,
         "captions_sha256": captions_digest(captions),
         "model_sha256": _model_fingerprint(encoder),
         "t5": t5_path, "vocab": encoder.tokenizer.vocab_path,
+        "vocab_sha256": _vocab_digest(encoder.tokenizer.vocab_path),
     }
     meta_path = os.path.join(out, EmbeddingStore.META)
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
         differs = [k for k in ("captions_sha256", "model_sha256", "shard_size", "max_length",
-                               "d_model", "format")
-                   if old.get(k) != meta[k]]
+                               "d_model", "format", "vocab_sha256")
+                   if old.get(k) != meta[k] and not (k == "vocab_sha256" and k not in old)]
         if differs:
             raise ValueError(f"{out} holds embeddings of another run ({', '.join(differs)} differ); "
                              "use a new --out directory or delete this one")
@@ -174,6 +200,7 @@ def run(args: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
 
+    check_out(args.out)
     if args.captions_file:
         captions = _dedupe(read_captions_file(args.captions_file))
         source = args.captions_file

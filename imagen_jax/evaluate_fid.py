@@ -24,6 +24,8 @@ import argparse
 import os
 import sys
 
+from imagen_jax import cli
+
 TFDS_DEFAULT = "tfds:coco_captions"
 
 
@@ -35,7 +37,7 @@ def _floats(text):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m imagen_jax.evaluate_fid", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m imagen_jax.evaluate_fid", description=__doc__.split("\n")[0])
     p.add_argument("--stages", required=True,
                    help="Comma-separated stage directories (workdirs or bundles), base first.")
     p.add_argument("--inception", required=True, help="pytorch-fid's FID Inception weights (.pth) or a converted .npz.")
@@ -139,13 +141,28 @@ def main(argv=None):
     except SystemExit as e:  # argparse has printed its usage message
         return int(e.code or 0)
     args.argv = argv
-    try:
+
+    def _run():
+        check_workdir(args.workdir)
         run(args)
-    except (ValueError, OSError, ImportError) as e:  # ProtocolError, CascadeError, CheckpointError, UsageError
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 1
-    return 0
+
+    # ProtocolError, CascadeError, CheckpointError (1), a bad --workdir (2)
+    return cli.run(_run)
+
+
+def check_workdir(workdir):
+    """--workdir must be creatable, and an existing non-empty one must be an earlier evaluation
+    (captions.json, samples/, cache/, sweep/ or fid.json): resuming writes into it, so it is never a training workdir or a bundle."""
+    from etils import epath
+
+    cli.check_output(workdir, "--workdir")
+    d = epath.Path(workdir)
+    if "://" in os.fspath(workdir) or not d.is_dir() or not any(d.iterdir()):
+        return
+    if any((d / n).exists() for n in ("config.json", "info.json", "checkpoints")) or not any(
+            (d / n).exists() for n in ("captions.json", "fid.json", "cache", "samples", "sweep")):
+        raise cli.UsageError(f"--workdir {workdir} exists and is not an earlier evaluation (no captions.json, samples/ or fid.json); "
+                             "give a new or empty directory")
 
 
 if __name__ == "__main__":

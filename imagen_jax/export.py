@@ -12,11 +12,11 @@ file system that every host sees.
 import argparse
 import sys
 
-from imagen_jax import bundle
+from imagen_jax import bundle, cli
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m imagen_jax.export", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m imagen_jax.export", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="Training workdir (config.json + checkpoints/).")
     p.add_argument("--out", required=True, help="Bundle directory to create.")
     p.add_argument("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
@@ -39,14 +39,14 @@ def main(argv=None):
         return int(e.code or 0)
     from imagen_jax import parallel
 
-    try:
+    def _run():
+        cli.check_output(args.out, "--out")
         parallel.maybe_initialize_distributed()
         bundle.export(args.workdir, args.out, step=args.step, params=args.params, dtype=args.dtype,
                       overwrite=args.overwrite, max_shard_bytes=args.max_shard_bytes, progress=not args.quiet)
-    except ValueError as e:  # BundleError, CheckpointError, MeshError: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    # BundleError, CheckpointError, MeshError (1) or an unwritable --out (2): a message, not a traceback
+    return cli.run(_run)
 
 
 if __name__ == "__main__":
