@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import math
 import os
 import pickle
 import re
@@ -52,6 +53,8 @@ WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
 )
+# SHA-256 of pytorch-fid's release file (its 8-hex prefix is the one torch.hub puts in the name).
+WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INPUT_SIZE = 299  # the resolution the network was trained at
 FEATURE_DIM = 2048
 BN_EPS = 1e-3  # torchvision's BasicConv2d BatchNorm2d(eps=0.001)
@@ -576,17 +579,28 @@ class _LazyTensor:
         self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
 
     def materialize(self) -> np.ndarray:
+        """A copy of the tensor's view of its storage, after checking that the view lies inside the
+        storage: offset, sizes and strides come from an untrusted file, and an unchecked strided view
+        reads memory outside the buffer (or crashes the process)."""
         buf = self.storage.data
         if buf is None:
             raise ValueError("a tensor's storage was never read from the file")
-        if len(self.size) == 0:
-            return np.array(buf[self.offset])
-        needed = self.offset + 1 + sum((s - 1) * st for s, st in zip(self.size, self.stride) if s > 0)
-        if min(self.size) > 0 and needed > buf.size:
-            raise ValueError(f"tensor of size {self.size} runs past its storage ({buf.size} elements)")
+        offset, size, stride = self.offset, self.size, self.stride
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, *size, *stride))
+        if not ints or len(size) != len(stride):
+            raise ValueError(f"malformed tensor view (offset {offset!r}, size {size!r}, stride {stride!r})")
+        if offset < 0 or any(v < 0 for v in size) or any(v < 0 for v in stride):
+            raise ValueError(f"tensor view with a negative offset, size or stride (offset {offset}, size {size}, "
+                             f"stride {stride}): not a weights file torch.save writes")
+        if math.prod(size) == 0:
+            return np.zeros(size, buf.dtype)
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+        if last >= buf.size:
+            raise ValueError(f"tensor view (offset {offset}, size {size}, stride {stride}) runs past its storage "
+                             f"of {buf.size} elements")
         item = buf.dtype.itemsize
-        view = np.lib.stride_tricks.as_strided(
-            buf[self.offset:], shape=self.size, strides=tuple(s * item for s in self.stride))
+        # np.ndarray checks the same bounds once more before any memory is touched.
+        view = np.ndarray(size, buf.dtype, buffer=buf, offset=offset * item, strides=tuple(st * item for st in stride))
         return np.array(view)  # copy: detach from the shared storage
 
 
@@ -657,6 +671,9 @@ def _read_zip(path: str) -> Any:
             if key not in storages:
                 st = _Storage(_storage_type(stype).dtype, int(numel))
                 raw = zf.read(f"{prefix}data/{key}")
+                if st.numel < 0 or len(raw) != st.numel * st.dtype.itemsize:
+                    raise ValueError(f"storage {key} holds {len(raw)} bytes but declares {st.numel} elements of "
+                                     f"{st.dtype} ({st.numel * st.dtype.itemsize} bytes): a corrupt or crafted file")
                 dt = st.dtype.newbyteorder(">") if big_endian else st.dtype
                 arr = np.frombuffer(raw, dtype=dt, count=st.numel)
                 st.data = arr.astype(st.dtype) if big_endian else arr
@@ -698,8 +715,13 @@ def _read_legacy(path: str) -> Any:
         result = _RestrictedUnpickler(f, persistent_load).load()
         keys = plain(f)
         for key in keys:
-            st = storages[_as_str(key)]
+            st = storages.get(_as_str(key))
+            if st is None:
+                raise ValueError(f"{path!r}: storage {key!r} is listed but no tensor uses it")
             count = np.frombuffer(f.read(8), dtype="<i8" if little else ">i8")[0]
+            if int(count) != st.numel or st.numel < 0:
+                raise ValueError(f"{path!r}: storage {key!r} holds {int(count)} elements but declares {st.numel}: "
+                                 "a corrupt or crafted file")
             dt = st.dtype.newbyteorder("<" if little else ">")
             raw = f.read(int(count) * st.dtype.itemsize)
             if len(raw) != int(count) * st.dtype.itemsize:
@@ -731,6 +753,9 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
     import torch  # optional: only when the caller has it
 
+    if not _torch_version_ok(torch.__version__):
+        raise ImportError(f"torch {torch.__version__} is too old to read untrusted weights (need >= "
+                          f"{'.'.join(map(str, MIN_TORCH))}); upgrade it, or let the built-in reader read them")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
@@ -740,15 +765,46 @@ def _torch_state_dict(path: str) -> dict[str, np.ndarray]:
             for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+# torch.load(weights_only=True) of older versions trusts crafted tensor views and pickles.
+MIN_TORCH = (2, 10)
+
+
 def _torch_available() -> bool:
+    """torch >= MIN_TORCH imports; an older torch is not used (the safe reader is)."""
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         return False
-    return True
+    return _torch_version_ok(torch.__version__)
+
+
+def _torch_version_ok(version: str) -> bool:
+    parts = re.match(r"(\d+)\.(\d+)", version)
+    return bool(parts) and (int(parts[1]), int(parts[2])) >= MIN_TORCH
 
 
 # --- Cache -------------------------------------------------------------------
+
+
+def source_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a weights file; for an `.npz` written by `save_params`, that of the file it was
+    converted from ('' if it does not say)."""
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["__source_sha256__"]) if "__source_sha256__" in z.files else ""
+    return _sha256(path)
+
+
+def check_sha256(path: str | os.PathLike, expected: str = WEIGHTS_SHA256) -> str:
+    """The weights' SHA-256 if it is `expected` ('any' accepts every file); else a ValueError naming
+    both, so another file (a re-export, another network) is used only when the user says so."""
+    digest = source_sha256(path)
+    if expected != "any" and digest != expected.lower():
+        raise ValueError(f"{os.fspath(path)!r} has SHA-256 {digest or '(unknown)'}, not that of pytorch-fid's "
+                         f"{WEIGHTS_FILENAME} ({expected}); FIDs from other weights are not comparable. Pass "
+                         f"--inception_sha256 {digest or 'any'} to use this file anyway")
+    return digest
 
 
 def _sha256(path: str) -> str:
