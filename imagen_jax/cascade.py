@@ -54,11 +54,15 @@ def param_shardings(config, mesh):
     return nn.meta.unbox(boxed), parallel.logical_shardings(boxed, mesh, config.mesh.rules)
 
 
-def load_stage(path, mesh, *, step=None, which="ema_params"):
-    """A stage from a training workdir (latest or given checkpoint, EMA params by default) or from
-    an exported bundle (a directory with info.json)."""
+def load_stage(path, mesh, *, step=None, which="ema_params", accept_license=False, dtype="float32"):
+    """A stage from a training workdir (latest or given checkpoint, EMA params by default), from
+    an exported bundle (a directory with info.json), or a DeepFloyd IF stage from a diffusers
+    pipeline directory (model_index.json; needs accept_license=True, see imagen_jax.deepfloyd)."""
     if not os.path.isdir(path):
         raise CascadeError(f"stage directory {path} does not exist")
+    from imagen_jax import deepfloyd
+    if deepfloyd.is_if_stage(path):
+        return deepfloyd.IFStage.load(path, dtype=dtype, accept_license=accept_license, mesh=mesh)
     if os.path.exists(os.path.join(path, "info.json")):
         from imagen_jax import bundle
         config, params, info = bundle.load(path, mesh=mesh)
@@ -79,10 +83,15 @@ def check_chain(stages):
     for prev, nxt in zip(stages, stages[1:]):
         if not nxt.is_sr:
             raise CascadeError(f"stage {nxt.source} is not a super-resolution stage, but follows {prev.source}")
-        if nxt.lowres_size != prev.image_size:
+        if not nxt.lowres_size:  # IF stage II upscales whatever it is given; it must still upscale
+            if prev.image_size >= nxt.image_size:
+                raise CascadeError(f"stage {nxt.source} outputs {nxt.image_size}x{nxt.image_size}, no larger than "
+                                   f"its input from {prev.source} ({prev.image_size}x{prev.image_size})")
+        elif nxt.lowres_size != prev.image_size:
             raise CascadeError(f"stage {nxt.source} expects {nxt.lowres_size}x{nxt.lowres_size} inputs but "
                                f"{prev.source} outputs {prev.image_size}x{prev.image_size}: stages in the wrong order?")
-    dims = {int(s.config.model.text_dim) for s in stages}
+    # Each family encodes text its own way (IF: its own T5), so widths need only agree within one.
+    dims = {int(s.config.model.text_dim) for s in stages if getattr(s, "family", "imagen") == "imagen"}
     if len(dims) > 1:
         raise CascadeError(f"stages disagree on the text width: {sorted(dims)}")
 
@@ -158,8 +167,18 @@ def pad_batch(x, multiple):
     return x, pad
 
 
+def make_sampler(stage, mesh, settings, negative=None):
+    """The stage's sampling program: what differs per family (network, noise process, text
+    convention) is data on the stage; every sampler is called the same way by run_cascade."""
+    if getattr(stage, "family", "imagen") == "deepfloyd_if":
+        from imagen_jax import deepfloyd
+        return deepfloyd.IFStageSampler(stage, settings, negative, mesh=mesh)
+    return StageSampler(stage, mesh, settings)
+
+
 def run_cascade(samplers, text, mask, seed, *, batch_size=None, log=print, progress=True):
-    """Samples every stage in turn for all prompts' embeddings (text [N, L, D], mask [N, L]).
+    """Samples every stage in turn for all prompts' embeddings (text [N, L, D], mask [N, L]; or one
+    (text, mask) per stage as lists, when stages of different families read different encoders).
 
     Returns a list with each stage's images, uint8 [N, S, S, 3], and the seconds each stage took.
     Batches are padded to a multiple of the data-parallel size; image i of a run depends only on
@@ -169,13 +188,15 @@ def run_cascade(samplers, text, mask, seed, *, batch_size=None, log=print, progr
 
     mesh = samplers[0].mesh
     dp = parallel.data_parallel_size(mesh)
-    n = text.shape[0]
+    texts = list(text) if isinstance(text, (list, tuple)) else [text] * len(samplers)
+    masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * len(samplers)
+    n = texts[0].shape[0]
     batch_size = batch_size or max(dp, min(n, 64))
     batch_size = -(-batch_size // dp) * dp
-    text, mask = np.asarray(text), np.asarray(mask)
     outputs, times = [], []
     lowres_all = None
     for k, sampler in enumerate(samplers):
+        text, mask = np.asarray(texts[k]), np.asarray(masks[k])
         t0 = time.time()
         chunks = []
         bar = tqdm(total=n, desc=f"stage {k + 1}/{len(samplers)} ({sampler.stage.image_size}px)",
@@ -219,5 +240,5 @@ def grid(images, cols=None):
     return sheet
 
 
-__all__ = ["CascadeError", "Stage", "StageSampler", "StageSettings", "check_chain", "grid", "load_stage",
+__all__ = ["CascadeError", "Stage", "StageSampler", "StageSettings", "check_chain", "grid", "load_stage", "make_sampler",
            "run_cascade", "to_uint8"]

@@ -116,8 +116,9 @@ class IFStage:
 
     @property
     def lowres_size(self):
-        # IF's stage II is trained 4x (64 -> 256); its U-Net itself accepts any low-res size.
-        return self.image_size // 4 if self.is_sr else 0
+        # 0: any. Stage II upscales whatever it is given to its own size (IF-II-L is trained 64 -> 256),
+        # so it may follow any smaller stage (cascade.check_chain).
+        return 0
 
     @property
     def text_dim(self):
