@@ -39,8 +39,12 @@ def _floats(text):
 def parse_args(argv):
     p = cli.ArgumentParser(prog="python -m imagen_jax.evaluate_fid", description=__doc__.split("\n")[0])
     p.add_argument("--stages", required=True,
-                   help="Comma-separated stage directories (workdirs or bundles), base first.")
+                   help="Comma-separated stage directories (workdirs, bundles or DeepFloyd IF diffusers "
+                        "pipeline directories), base first.")
     p.add_argument("--inception", required=True, help="pytorch-fid's FID Inception weights (.pth) or a converted .npz.")
+    p.add_argument("--inception_sha256", default=None,
+                   help="Accept Inception weights with this SHA-256 ('any': every file; default: pytorch-fid's "
+                        "release file only).")
     p.add_argument("--coco", required=True,
                    help="'tfds', 'tfds:NAME' or a COCO directory (captions_val2014.json + val2014/).")
     p.add_argument("--workdir", required=True, help="Output directory EVAL_DIR (created; resumed if present).")
@@ -57,6 +61,10 @@ def parse_args(argv):
                    help="none | static | dynamic, one or one per stage (default dynamic).")
     p.add_argument("--percentile", type=float, default=99.5, help="Dynamic-thresholding percentile.")
     p.add_argument("--aug_level", default=None, help="Noise-augmentation level per SR stage, in [0, 1] (default 0).")
+    p.add_argument("--noise_level", default=None,
+                   help="DeepFloyd IF stage II: integer noise-augmentation timestep (default 250).")
+    p.add_argument("--accept_license", action="store_true",
+                   help="Acknowledge the DeepFloyd IF License (non-commercial research only); needed for IF stages.")
     p.add_argument("--batch_size", type=int, default=0,
                    help="Images per sampling batch (0: up to 64, a multiple of the devices).")
     p.add_argument("--shard_size", type=int, default=1000, help="Images per resumable shard.")
@@ -88,9 +96,9 @@ def run(args, log=print):
     """Loads everything (cheap checks first), evaluates; returns {'fid': record, 'sweep': record}."""
     import jax
 
-    from imagen_jax import cascade, conditioning, parallel
+    from imagen_jax import cascade, parallel
     from imagen_jax.evaluation import inception, protocol
-    from imagen_jax.sampling import settings_for
+    from imagen_jax.sampling import StageConditioner, settings_for
 
     coco_source = TFDS_DEFAULT if args.coco == "tfds" else args.coco
     proto = protocol.Protocol(
@@ -103,28 +111,37 @@ def run(args, log=print):
     cache_dir = os.path.abspath(args.cache_dir or os.path.join(args.workdir, "cache"))
 
     # Cheap failures first: weights, stage directories and their order, settings.
+    if not os.path.isfile(args.inception):
+        raise protocol.ProtocolError(f"FID Inception weights not found at {args.inception!r}; expected pytorch-fid's "
+                                     f"{inception.WEIGHTS_FILENAME} (download it from {inception.WEIGHTS_URL})")
+    weights_sha256 = inception.check_sha256(args.inception, args.inception_sha256 or inception.WEIGHTS_SHA256)
     params = inception.load(args.inception, cache_path=os.path.join(cache_dir, "fid_inception.npz"))
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     stage_dirs = [d for d in args.stages.split(",") if d.strip()]
-    stages = [cascade.load_stage(d, mesh) for d in stage_dirs]
+    stages = [cascade.load_stage(d, mesh, accept_license=args.accept_license) for d in stage_dirs]
     cascade.check_chain(stages)
     settings = settings_for(stages, steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
-                            thresholding=args.thresholding, percentile=args.percentile, aug_level=args.aug_level)
+                            thresholding=args.thresholding, percentile=args.percentile, aug_level=args.aug_level,
+                            noise_level=args.noise_level)
     clip = None
     if args.clip:
         clip = protocol.ClipScorer(args.clip, device=args.clip_device, batch_size=args.clip_batch)
         log(f"CLIP score: {args.clip} on {clip.device}")
     else:
         log("CLIP score: skipped (pass --clip with a local Hugging Face CLIP directory to compute it)")
-    samplers = [cascade.StageSampler(st, mesh, s) for st, s in zip(stages, settings)]
-    cond = conditioning.build(stages[0].config, workdir=stages[0].source, mesh=None)
+    cond = StageConditioner(stages)  # each stage's text convention (Imagen T5X, or IF's HF T5)
+    samplers = [cascade.make_sampler(st, mesh, s, cond.negative) for st, s in zip(stages, settings)]
     log(f"text encoder: {cond.description}; {jax.device_count()} {jax.devices()[0].device_kind} devices")
 
     evaluator = protocol.Evaluator(args.workdir, proto, samplers=samplers, cond=cond, inception_params=params,
                                    mesh=mesh, clip=clip, cache_dir=cache_dir, progress=not args.quiet, log=log)
     evaluator.reference()  # a short or broken COCO source fails here, before any sampling
     extra = {"text_encoder": cond.description, "inception_weights": os.path.abspath(args.inception),
+             "inception_sha256": weights_sha256,
              "command": "python -m imagen_jax.evaluate_fid " + " ".join(args.argv)}
+    if any(getattr(st, "family", "imagen") == "deepfloyd_if" for st in stages):
+        from imagen_jax import deepfloyd
+        extra["license"] = deepfloyd.ATTRIBUTION
     out = {"fid": None, "sweep": None}
     if args.num_samples:
         out["fid"] = evaluator.evaluate(extra)

@@ -114,7 +114,7 @@ def _argv(env, workdir, *extra, stages=None):
     return ["--stages", stages or f"{env['base']},{env['sr']}", "--inception", env["weights"], "--coco", env["coco"],
             "--workdir", str(workdir), "--num_samples", "8", "--shard_size", "4", "--steps", STEPS,
             "--guidance", GUIDANCE, "--resolution", str(RES), "--inception_batch", "8", "--seed", "3",
-            "--caption_seed", "1", "--quiet", *extra]
+            "--caption_seed", "1", "--quiet", "--inception_sha256", "any", *extra]
 
 
 def _direct_clip_scores(path, images, texts):
