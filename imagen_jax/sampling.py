@@ -162,30 +162,42 @@ def check_memory(stages, n):
                          f"the {avail / 2**30:.1f} GiB available; ask for at most {max(1, avail // 2 // per_image)}")
 
 
-def stage_texts(stages, prompts, mesh=None):
-    """Each stage's (embeddings, mask) by its family's convention, the IF negative embedding (or
-    None), and a description of the encoders. One encoder per family, loaded once."""
-    texts, masks, desc, negative = [None] * len(stages), [None] * len(stages), [], None
-    imagen = [s for s in stages if not _is_if(s)]
-    ifs = [s for s in stages if _is_if(s)]
-    if imagen:
-        cond = conditioning.build(imagen[0].config, workdir=imagen[0].source, mesh=None)
-        desc.append(cond.description)
-        t, m = cond(prompts)
-        for i, s in enumerate(stages):
-            if not _is_if(s):
-                texts[i], masks[i] = np.asarray(t), np.asarray(m)
-    if ifs:
-        from imagen_jax import deepfloyd
-        from imagen_jax.text import hf_t5
-        enc = deepfloyd.load_text_encoder(ifs, dtype=jax.tree_util.tree_leaves(ifs[0].params)[0].dtype)
-        emb, neg = hf_t5.encode_with_negative(enc, prompts)
-        negative = neg[:1]
-        desc.append(f"DeepFloyd IF T5 (HF semantics, 77 tokens) from {next(s.source for s in ifs if s.has_text_encoder)}")
-        for i, s in enumerate(stages):
-            if _is_if(s):
-                texts[i], masks[i] = emb, np.ones(emb.shape[:2], bool)
-    return texts, masks, negative, "; ".join(desc)
+class StageConditioner:
+    """Prompts -> one (embeddings, mask) per stage, each by its family's convention (Imagen: the
+    first Imagen stage's conditioning; IF: its T5 with HF semantics, 77 tokens). Encoders are
+    loaded once; `negative` is IF's unconditional embedding T5("") [1, 77, D] (None without IF)."""
+
+    def __init__(self, stages):
+        self.stages = list(stages)
+        imagen = [s for s in stages if not _is_if(s)]
+        ifs = [s for s in stages if _is_if(s)]
+        desc, self.negative, self._cond, self._enc = [], None, None, None
+        if imagen:
+            self._cond = conditioning.build(imagen[0].config, workdir=imagen[0].source, mesh=None)
+            desc.append(self._cond.description)
+        if ifs:
+            from imagen_jax import deepfloyd
+            from imagen_jax.text import hf_t5
+            self._enc = deepfloyd.load_text_encoder(ifs, dtype=jax.tree_util.tree_leaves(ifs[0].params)[0].dtype)
+            self.negative = hf_t5.encode_with_negative(self._enc, [""])[1][:1]
+            desc.append("DeepFloyd IF T5 (HF semantics, 77 tokens) from "
+                        + next(s.source for s in ifs if s.has_text_encoder))
+        self.description = "; ".join(desc)
+
+    def __call__(self, prompts):
+        texts, masks = [None] * len(self.stages), [None] * len(self.stages)
+        if self._cond is not None:
+            t, m = self._cond(prompts)
+            for i, s in enumerate(self.stages):
+                if not _is_if(s):
+                    texts[i], masks[i] = np.asarray(t), np.asarray(m)
+        if self._enc is not None:
+            from imagen_jax.text import hf_t5
+            emb, _ = hf_t5.encode_with_negative(self._enc, prompts)
+            for i, s in enumerate(self.stages):
+                if _is_if(s):
+                    texts[i], masks[i] = emb, np.ones(emb.shape[:2], bool)
+        return texts, masks
 
 
 def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, overwrite=False, log=print,
@@ -202,9 +214,11 @@ def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, ov
     settings = settings_for(stages, **setting_flags)
     check_memory(stages, len(prompts) * num_images)
     expanded = [p for p in prompts for _ in range(num_images)]
-    texts, masks, negative, text_desc = stage_texts(stages, expanded)
+    cond = StageConditioner(stages)
+    text_desc = cond.description
     log(f"text encoder: {text_desc}")
-    samplers = [cascade.make_sampler(st, mesh, s, negative) for st, s in zip(stages, settings)]
+    texts, masks = cond(expanded)
+    samplers = [cascade.make_sampler(st, mesh, s, cond.negative) for st, s in zip(stages, settings)]
     outputs, times = cascade.run_cascade(samplers, texts, masks, seed, batch_size=batch_size or None, log=log)
     final = outputs[-1]
     if jax.process_index() == 0:

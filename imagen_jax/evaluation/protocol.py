@@ -310,9 +310,14 @@ class Evaluator:
         embs, masks = [], []
         for start in range(0, len(texts), chunk):  # bounded text-encoder batches
             e, m = self.cond(list(texts[start:start + chunk]))
-            embs.append(np.asarray(e))
-            masks.append(np.asarray(m))
-        outputs, _ = cascade.run_cascade(self.samplers, np.concatenate(embs), np.concatenate(masks), seed,
+            embs.append(e)
+            masks.append(m)
+        if isinstance(embs[0], (list, tuple)):  # one (text, mask) per stage (mixed families, IF)
+            text = [np.concatenate([np.asarray(e[k]) for e in embs]) for k in range(len(embs[0]))]
+            mask = [np.concatenate([np.asarray(m[k]) for m in masks]) for k in range(len(masks[0]))]
+        else:
+            text, mask = np.concatenate(embs), np.concatenate(masks)
+        outputs, _ = cascade.run_cascade(self.samplers, text, mask, seed,
                                          batch_size=self.protocol.batch_size or None, log=None, progress=False)
         return resize(outputs[-1], self.protocol.resolution)
 
