@@ -8,12 +8,29 @@ import importlib
 PEER_ATTN_HEADS = 8
 
 
-def stage_config(stage, variant, text_len):
-    """configs/<stage>.py:<variant> with the text length of the benchmark."""
+def stage_config(stage, variant, text_len, *, optimizer=None, remat=None):
+    """configs/<stage>.py:<variant> with the text length of the benchmark.
+
+    optimizer: None keeps the config's; "adam" | "adafactor" sets it (both sides read it from
+      here, so a row compares the same optimizer). remat: None keeps the config's; "on" | "off"."""
     c = importlib.import_module(f"configs.{stage}").get_config(variant)
     c.text.max_length = int(text_len)
     c.train.sample_every = 0
+    if optimizer not in (None, "", "config"):
+        if optimizer not in ("adam", "adafactor"):
+            raise ValueError(f"optimizer must be config, adam or adafactor, got {optimizer!r}")
+        c.optimizer.name = optimizer
+    if remat not in (None, "", "config"):
+        if remat not in ("on", "off"):
+            raise ValueError(f"remat must be config, on or off, got {remat!r}")
+        c.model.remat = remat == "on"
     return c
+
+
+def spec_config(spec):
+    """The stage config a benchmark job spec describes (the same on both sides)."""
+    return stage_config(spec["stage"], spec["variant"], spec["text_len"],
+                        optimizer=spec.get("optimizer"), remat=spec.get("remat"))
 
 
 def peer_unet_kwargs(config):

@@ -104,7 +104,10 @@ def _train_at(config, mesh, global_batch, spec):
            "compile_s": compile_s, "timing": t, "images_per_s": global_batch / t["median_s"],
            "loss": loss, "nonfinite_step": nonfinite, "memory_bytes_per_device": mem_bytes,
            "compiled_flops_per_device": compiled_flops, "model_flops": model_flops,
-           "dp_size": int(parallel.data_parallel_size(mesh))}
+           "dp_size": int(parallel.data_parallel_size(mesh)),
+           "settings": (f"{config.model.dtype}, remat={config.model.remat}, {config.optimizer.name}, "
+                        f"clip {config.optimizer.clip_norm}, EMA {config.optimizer.ema_decay}, "
+                        f"attention {config.model.attention_impl}")}
     peak = spec.get("peak_flops")
     if peak:
         per_dev = model_flops / ndev if model_flops else compiled_flops
@@ -122,7 +125,7 @@ def train(spec):
     of spec['batches'] (per device) that fits."""
     from imagen_jax import parallel
 
-    config = cases.stage_config(spec["stage"], spec["variant"], spec["text_len"])
+    config = cases.spec_config(spec)
     config.mesh.update(spec.get("mesh") or {})
     mesh = parallel.make_mesh(config.mesh)
     dp = parallel.data_parallel_size(mesh)
@@ -171,7 +174,7 @@ def sample(spec):
     prompts' embeddings: images/s."""
     from imagen_jax import cascade, parallel
 
-    config = cases.stage_config(spec["stage"], spec["variant"], spec["text_len"])
+    config = cases.spec_config(spec)
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     stage, n_params = _random_stage(config, mesh)
     settings = cascade.StageSettings(sampler=spec["sampler"], steps=int(spec["steps"]),

@@ -119,7 +119,7 @@ def train(spec):
     or the first smaller batch that fits."""
     _setup()
     dev = _device()
-    config = cases.stage_config(spec["stage"], spec["variant"], spec["text_len"])
+    config = cases.spec_config(spec)
     imagen, unet, unet_number, kwargs, n_params = _build(config)
     imagen.train()
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -159,7 +159,10 @@ def train(spec):
             mem = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
             return {"batch": b, "params": int(n_params), "timing": t, "images_per_s": b / t["median_s"],
                     "loss": float(state["loss"]), "optimizer": opt_name, "unet_kwargs": _jsonable(kwargs),
-                    "max_memory_bytes": mem, "tried": tried, "imagen_pytorch": _imagen_version()}
+                    "max_memory_bytes": mem, "tried": tried, "imagen_pytorch": _imagen_version(),
+                    "settings": (f"{'bf16 autocast' if dev.type == 'cuda' else 'float32'}, no remat, "
+                                 f"{opt_name} (torch.optim{', fused' if opt_name == 'adam' and dev.type == 'cuda' else ''}), "
+                                 f"clip 1.0, EMA {decay}")}
         except Exception as e:
             if not is_oom(e) or i == len(batches) - 1:
                 raise
@@ -179,7 +182,7 @@ def sample(spec):
     steps; imagen-pytorch has no DDIM) with classifier-free guidance and dynamic thresholding."""
     _setup()
     dev = _device()
-    config = cases.stage_config(spec["stage"], spec["variant"], spec["text_len"])
+    config = cases.spec_config(spec)
     steps = int(spec["steps"])
     elucidated = spec["sampler"] != "ddpm"
     imagen, unet, unet_number, kwargs, n_params = _build(

@@ -16,12 +16,13 @@ def get_config(arg=None):
     c.stage = "base64"
     c.data.image_size = 64
     c.optimizer.name = "adafactor"
+    c.optimizer.decay = "cosine"    # F.1: warmup_cosine_decay_schedule(0 -> 1e-4, 10k, 2.5M steps)
     c.model.update(dict(
         image_size=64, base_channels=512, channel_mults=(1, 2, 3, 4), num_res_blocks=(3, 3, 3, 3),
         attn_levels=(False, True, True, True),        # self-attention (+ text) at 32, 16 and 8
         cross_attn_levels=(False, False, False, False),
         resample="biggan",                            # F.1 res_block_type: biggan (ADM resblock_updown)
-        head_dim=64, text_dim=4096, cond_dim=1024, dtype="bfloat16", remat=True,
+        head_dim=64, text_dim=4096, cond_dim=1024, dtype="bfloat16", remat="auto",
         attention_impl="auto"))
     c.sampling.update(dict(steps=256, guidance=1.35, sampler="ddpm"))
     if variant == "small":
@@ -34,6 +35,6 @@ def get_config(arg=None):
                             head_dim=16, text_dim=64, cond_dim=64, num_groups=8, dtype="float32",
                             remat=False))
         c.train.update(dict(batch_size=8, num_steps=200, log_every=10, ckpt_every=100))
-        c.optimizer.update(dict(warmup_steps=10, learning_rate=1e-3))
+        c.optimizer.update(dict(warmup_steps=10, learning_rate=1e-3, decay="constant"))
         c.sampling.update(dict(steps=16))
     return c

@@ -29,7 +29,10 @@ def stage_config():
     c.stage = "base64"              # base64 | sr256 | sr1024: which cascade stage this trains
     c.seed = 0
 
-    c.model = ml_collections.ConfigDict()  # imagen_jax.models.UNetConfig fields
+    # imagen_jax.models.UNetConfig fields. Not type-safe: model.remat is True | False | "auto"
+    # ("auto": the trainer compiles the step per policy and keeps the cheapest that fits the
+    # device; training/remat.py), so a variant may switch it between a bool and "auto".
+    c.model = ml_collections.ConfigDict(type_safe=False)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"         # cosine | linear (SR1024 in the paper)
@@ -90,6 +93,8 @@ def stage_config():
     c.train.sample_every = 0                # preview grids from the EMA params; 0 = off
     c.train.sample_prompts = ("a red circle", "a blue square", "a green triangle", "a yellow star")
     c.train.peak_flops = 0.0                # per device; 0 = look it up from the device kind
+    c.train.profile_steps = ""              # "a,b": jax.profiler trace of steps [a, b) in WORKDIR/profile
+    c.train.compilation_cache = ""          # persistent XLA cache dir (local or gs://) so restarts skip compiling
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.sampler = "ddpm"
@@ -102,8 +107,14 @@ def stage_config():
 
 
 def parse_arg(arg, default="paper"):
-    """`paper`, `small`, `tiny`, optionally followed by ,key=value pairs understood by the stage."""
-    variant = (arg or default).split(",")[0]
+    """`paper`, `small` or `tiny`. Nothing else is understood: a field is changed with a
+    `--config.<field>=value` flag (`:tiny,base_channels=64` is refused, not silently ignored)."""
+    parts = (arg or default).split(",")
+    variant = parts[0]
     if variant not in ("paper", "small", "tiny"):
         raise ValueError(f"config variant must be paper, small or tiny, got {variant!r}")
+    if len(parts) > 1:
+        extra = ",".join(parts[1:])
+        raise ValueError(f"config argument {arg!r}: {extra!r} is not understood (the variant is one of "
+                         f"paper, small, tiny); set fields with flags, e.g. --config.model.base_channels=64")
     return variant

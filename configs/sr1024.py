@@ -23,7 +23,7 @@ def get_config(arg=None):
         cross_attn_levels=(False, False, False, True),  # explicit text cross-attention at the lowest level
         # Placement and width as SR256 (F.3: "the same as SR256 except no self-attention").
         efficient=True, lowres_cond=True, attn_every_block=False, attn_heads=8, head_dim=256,
-        text_dim=4096, cond_dim=256, dtype="bfloat16", remat=True, attention_impl="auto"))
+        text_dim=4096, cond_dim=256, dtype="bfloat16", remat="auto", attention_impl="auto"))
     c.sampling.update(dict(steps=64, guidance=8.0, sampler="ddpm", aug_level=0.0))
     if variant == "small":
         c.model.update(dict(base_channels=64, num_res_blocks=(1, 2, 2, 2), head_dim=128, remat=False))

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from imagen_jax import diffusion, parallel
 from imagen_jax.diffusion import schedules
 from imagen_jax.models import UNet, UNetConfig, init_inputs, upsample_lowres
+from imagen_jax.training import remat as remat_lib
 
 
 @flax.struct.dataclass
@@ -29,7 +30,10 @@ class TrainState:
 
 
 def model_config(config) -> UNetConfig:
-    return UNetConfig.from_dict(config.model.to_dict())
+    d = config.model.to_dict()
+    # An unresolved "auto" (outside the trainer: sampling, FLOP counts) means no remat.
+    d["remat"] = remat_lib.as_setting(d.get("remat", False)) is True
+    return UNetConfig.from_dict(d)
 
 
 def lr_schedule(opt_cfg, total_steps):
@@ -45,12 +49,15 @@ def lr_schedule(opt_cfg, total_steps):
 
 def make_optimizer(opt_cfg, total_steps):
     """Paper: Adafactor for the base model, Adam (0.9, 0.999, 1e-8) for the SR models; both after
-    global-norm clipping, lr 1e-4 with linear warm-up then constant or cosine."""
+    global-norm clipping, lr 1e-4 with linear warm-up then constant or cosine.
+
+    Adafactor is optax's default (App. F.1: `optax.adafactor(lrs=learning_rate, weight_decay=0)`),
+    so each update is scaled by max(1e-3, RMS(parameter)) (`multiply_by_parameter_scale`)."""
     lr = lr_schedule(opt_cfg, total_steps)
     if opt_cfg.name == "adam":
         opt = optax.adam(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
     elif opt_cfg.name == "adafactor":
-        opt = optax.adafactor(lr, multiply_by_parameter_scale=False)
+        opt = optax.adafactor(lr)
     else:
         raise ValueError(f"optimizer.name must be adam or adafactor, got {opt_cfg.name!r}")
     parts = [opt]
@@ -117,6 +124,27 @@ def accumulate_gradients(loss_fn, params, batch, rng, microbatches, batch_shardi
     return loss_sum / microbatches, grads
 
 
+def remat_setting(config):
+    return remat_lib.as_setting(config.model.get("remat", False))
+
+
+class _PrecompiledStep:
+    """The jitted step, called through an executable compiled ahead of time for the same inputs
+    (falls back to the jitted function for inputs it was not compiled for)."""
+
+    def __init__(self, jitted, compiled):
+        self.jitted, self.compiled = jitted, compiled
+
+    def __call__(self, *args):
+        try:
+            return self.compiled(*args)
+        except (TypeError, ValueError):  # raised before running: other shapes or shardings
+            return self.jitted(*args)
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
+
+
 @dataclasses.dataclass
 class Trainer:
     """Everything about one stage's training step on one mesh."""
@@ -125,6 +153,15 @@ class Trainer:
     mesh: Any
 
     def __post_init__(self):
+        if remat_setting(self.config) == "auto":
+            # Become the Trainer of the policy that fits (its config has a concrete remat), and
+            # keep the step compiled while choosing (training/remat.py).
+            chosen, compiled, self.remat_report = remat_lib.choose(
+                self.config, self.mesh, lambda cfg: Trainer(cfg, self.mesh))
+            self.__dict__.update({k: v for k, v in chosen.__dict__.items() if k != "remat_report"})
+            if compiled is not None:
+                self.step = _PrecompiledStep(self.step, compiled)
+            return
         c = self.config
         self.model_cfg = model_config(c)
         self.model = UNet(self.model_cfg)
