@@ -254,7 +254,23 @@ def _t5x_arrays(path: str) -> dict[str, ArraySource]:
         sources[key] = ArraySource(key, arr.shape, arr.dtype, origin,
                                    lambda index, a=arr: a[index])
     sources.update(_open_tensorstores(specs, msgpack_file))
-    return _check_t5_1_1(sources, msgpack_file)
+    return _check_t5_1_1(_legacy_bfloat16(sources, tree.get("version"), msgpack_file), msgpack_file)
+
+
+def _legacy_bfloat16(sources: dict[str, ArraySource], version, msgpack_file: str) -> dict[str, ArraySource]:
+    """T5X before checkpoint version 3 wrote bfloat16 arrays as their uint16 bit patterns; read as
+    numbers they are garbage (1.0 -> 16256.0), so they are reinterpreted, as T5X does. A uint16 array
+    in a newer checkpoint has no such meaning for a T5 encoder and is refused."""
+    out = {}
+    for key, src in sources.items():
+        if src.dtype == np.uint16:
+            if not (isinstance(version, int) and version < 3):
+                raise CheckpointError(f"{src.origin}: stored as uint16 in a T5X checkpoint of version {version!r}; "
+                                      "only version < 3 stores bfloat16 that way")
+            bf16 = np.dtype(jax.numpy.bfloat16)
+            src = ArraySource(key, src.shape, bf16, src.origin, lambda index, r=src.reader: np.asarray(r(index)).view(bf16))
+        out[key] = src
+    return out
 
 
 def _t5x_target(tree: dict) -> dict:
@@ -302,6 +318,11 @@ def _resolve_spec(spec: dict, ckpt_dir: str, msgpack_file: str, key: str) -> dic
     driver: 'file' for local paths, 'gcs' (with the real bucket) for gs:// paths.
     """
     spec = copy.deepcopy(spec)
+    if isinstance(spec.get("metadata"), dict):
+        # The array's own .zarray says how it is chunked and compressed; T5X drops these from the
+        # spec as well, so a re-chunked or recompressed copy opens.
+        spec["metadata"].pop("chunks", None)
+        spec["metadata"].pop("compressor", None)
     kvstore = spec.get("kvstore")
     rel = kvstore.get("path") if isinstance(kvstore, dict) else None
     if rel is None:
