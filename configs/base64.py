@@ -4,7 +4,7 @@
         tiny: 16x16, 2 levels of 32 channels, a CPU runs a step in about a second; loss falls from
         ~1.0 within the first hundred steps on the embedded shapes dataset.
     python -m imagen_jax.train --config=configs/base64.py --workdir=gs://BUCKET/base64
-        paper: 2.16B parameters, batch 2048, Adafactor, 2.5M steps (256 TPU-v4 chips in the paper;
+        paper: 2.28B parameters (README "Models"), batch 2048, Adafactor, 2.5M steps (256 TPU-v4 chips in the paper;
         see configs/pods.py for the pod variants and `imagen_jax.inspect --topology` to check fit).
 """
 from configs import common

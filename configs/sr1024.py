@@ -1,4 +1,4 @@
-"""Imagen super-resolution 256 -> 1024 Efficient U-Net (paper App. F.3): ~430M parameters, no
+"""Imagen super-resolution 256 -> 1024 Efficient U-Net (paper App. F.3): 458M parameters, no
 self-attention, text cross-attention at the lowest level, linear noise schedule; trained on random
 256x256 crops of the 1024 image with the matching 64x64 crops of the 256 input.
 

@@ -1,4 +1,5 @@
-"""Imagen super-resolution 64 -> 256 Efficient U-Net (paper App. B.1, F.2): ~630M parameters.
+"""Imagen super-resolution 64 -> 256 Efficient U-Net (paper App. B.1, F.2): 482M parameters
+(README "Models": the paper layout; the paper states 600M).
 
     python -m imagen_jax.train --config=configs/sr256.py:tiny --workdir=/tmp/sr256_tiny
         tiny: 64x64 output from 16x16 inputs (chains after base64:tiny), seconds per step on a CPU.
