@@ -5,6 +5,7 @@ rematerialisation that fit the pod. Check a configuration before renting the pod
     python -m imagen_jax.inspect --config=configs/pods.py:base64_v5e_256 --topology=v5litepod-256 --compile
     python -m imagen_jax.inspect --config=configs/pods.py:sr256_v4_128 --topology=v4-128 --compile
     python -m imagen_jax.inspect --config=configs/pods.py:sr1024_v4_128 --topology=v4-128 --compile
+    python -m imagen_jax.inspect --config=configs/pods.py:if_xl_sample_v5e_8 --topology=v5litepod-8 --compile
 
 Each prints `fits=true per_chip_bytes=... hbm_bytes=...` (measured numbers are in the README), and
 launches with launch/tpu.sh, e.g.
@@ -25,10 +26,40 @@ PODS = {
     "sr1024_v4_128": ("sr1024", "v4-128", 4, 2048, 8),          # 64 chips: data 16 x fsdp 4
 }
 
+# Sampling configurations (kind "if_sample"): name: (U-Net config in models/deepfloyd_if.py,
+# accelerator type, mesh fsdp size, prompts per step). inspect compiles one guided sampling step: the
+# U-Net on the doubled (uncond + cond) batch and the guidance combination, the whole network FSDP-sharded.
+SAMPLING = {
+    # IF-I-XL (4.3B, 8.6 GB in bf16) over 8 chips of 16 GiB: ~1.1 GB of weights a chip; 16 prompts
+    # = a U-Net batch of 32 at 64x64, 4 images a chip.
+    "if_xl_sample_v5e_8": ("IF_I_XL", "v5litepod-8", 8, 16),
+}
+
+
+def sampling_config(arg):
+    import ml_collections
+
+    from configs import common
+    from imagen_jax.models import deepfloyd_if
+
+    unet, accelerator, fsdp, prompts = SAMPLING[arg]
+    c = ml_collections.ConfigDict()
+    c.kind = "if_sample"                   # inspect compiles a guided U-Net step, not a train step
+    c.unet = dict(getattr(deepfloyd_if, unet))  # a diffusers UNet2DConditionModel config.json
+    c.dtype = "bfloat16"                   # parameters and compute
+    c.attention_impl = "xla"               # the TPU path
+    c.prompts = prompts                    # the U-Net batch is 2 x prompts (classifier-free guidance)
+    c.text_len = 77
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=fsdp, tensor=1, rules=common.DEFAULT_RULES))
+    c.accelerator = accelerator
+    return c
+
 
 def get_config(arg=None):
+    if arg in SAMPLING:
+        return sampling_config(arg)
     if arg not in PODS:
-        raise ValueError(f"pod config must be one of {sorted(PODS)}, got {arg!r}")
+        raise ValueError(f"pod config must be one of {sorted(PODS) + sorted(SAMPLING)}, got {arg!r}")
     stage, accelerator, fsdp, batch, microbatches = PODS[arg]
     c = importlib.import_module(f"configs.{stage}").get_config("paper")
     c.mesh.data = -1

@@ -41,6 +41,74 @@ def human(n):
     return f"{n / 2**30:.2f} GiB"
 
 
+def lower_if_sample_step(config, devices):
+    """Lowers one classifier-free-guided IF sampling step (the U-Net on the doubled batch, then the
+    guidance combination of the 3 eps channels) for `devices`, from abstract inputs, with the U-Net
+    parameters sharded by the config's mesh rules. Returns (module, lowered)."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from imagen_jax import parallel
+    from imagen_jax.models import deepfloyd_if
+
+    dtype = jnp.dtype(config.dtype)
+    module = deepfloyd_if.build_unet(config.unet.to_dict(), dtype, attention_impl=config.attention_impl)
+    mesh = parallel.make_mesh(config.mesh, devices)
+    boxed = deepfloyd_if.param_shapes(module)
+    shardings = parallel.logical_shardings(boxed, mesh, config.mesh.rules)
+    parallel.check_sharded(boxed, shardings, mesh, 1 << 20)
+    params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    nn.meta.unbox(boxed), shardings)
+    cfg, batch = module.config, 2 * int(config.prompts)
+    size = cfg.sample_size or 64
+    data = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=parallel.batch_sharding(mesh, len(shape)))  # noqa: E731
+    x = data((batch, size, size, cfg.in_channels), jnp.float32)
+    text = data((batch, int(config.text_len), cfg.text_dim), dtype)
+    t = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=NamedSharding(mesh, P()))
+    noise_level = t if cfg.class_embed_type == "timestep" else None
+    rules = parallel.rules_tuple(config.mesh.rules)
+
+    def step(params, x, t, text, noise_level):
+        with nn.logical_axis_rules(rules):  # the activations' logical constraints apply
+            out = module.apply({"params": params}, x, t, text, noise_level)
+        unc, cond = jnp.split(out, 2)
+        return jnp.concatenate([unc[..., :3] + 7.0 * (cond[..., :3] - unc[..., :3]), cond[..., 3:]], -1)
+
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(step, out_shardings=parallel.batch_sharding(mesh, 4)).lower(params, x, t, text, noise_level)
+    return module, lowered
+
+
+def inspect_if_sample(config):
+    """Parameter count and (with --compile --topology) the fit of one guided IF sampling step."""
+    from imagen_jax.models import deepfloyd_if
+
+    module = deepfloyd_if.build_unet(config.unet.to_dict(), config.dtype)
+    total = deepfloyd_if.count_params(deepfloyd_if.param_shapes(module))
+    print(f"stage=if_sample total={total:,d}")
+    print(f"params={total}")
+    if not FLAGS.compile:
+        return
+    if not FLAGS.topology:
+        raise cli.UsageError("an if_sample config compiles for a TPU topology: pass --topology")
+    from imagen_jax import topology
+    spec = topology.slice_spec(FLAGS.topology)
+    devices = topology.topology_devices(FLAGS.topology)
+    _, lowered = lower_if_sample_step(config, devices)
+    compiled, rep = topology.compile_and_report(lowered, spec, FLAGS.mfu)
+    mesh = {k: config.mesh[k] for k in ("data", "fsdp", "tensor")}
+    print(f"topology={FLAGS.topology} chips={len(devices)} batch={2 * int(config.prompts)} "
+          f"prompts={int(config.prompts)} dtype={config.dtype} mesh={mesh}")
+    if compiled is not None:
+        print(f"per-chip memory: arguments {human(rep['argument_bytes'])}, temporaries "
+              f"{human(rep['temp_bytes'])}, outputs {human(rep['output_bytes'])}, total "
+              f"{human(rep['per_chip_bytes'])} of HBM {human(rep['hbm_bytes'])}")
+    if rep.get("flops"):
+        print(f"flops per sampling step per chip: {rep['flops']:.4g}; estimated step time at {FLAGS.mfu:.0%} "
+              f"MFU: {rep['est_step_time'] * 1e3:.1f} ms")
+    print(topology.format_fits_line(rep))
+
+
 def main(argv):
     del argv
     return cli.run(_main)
@@ -54,6 +122,8 @@ def _main():
         raise cli.UsageError(f"--batch_size must be >= 0 (0: the config's train.batch_size), got {FLAGS.batch_size}")
     if not 0.0 < FLAGS.mfu <= 1.0:
         raise cli.UsageError(f"--mfu must be in (0, 1], got {FLAGS.mfu}")
+    if config.get("kind") == "if_sample":
+        return inspect_if_sample(config)
     rows, total = param_report(config)
     for name, n in rows:
         print(f"{name:32s} {n:>15,d}")

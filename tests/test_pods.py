@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_inspect(name):
-    accelerator = pods.PODS[name][1]
+    accelerator = (pods.PODS.get(name) or pods.SAMPLING[name])[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # libtpu makes the topology; no TPU is touched
     env.pop("XLA_FLAGS", None)  # the 8 simulated CPU devices of the unit tests play no part here
     cmd = [sys.executable, "-m", "imagen_jax.inspect", f"--config=configs/pods.py:{name}",
@@ -49,6 +49,24 @@ def test_pod_config_fits(name):
     # share of the batch), not an empty or truncated program.
     flops = float(re.search(r"^flops per step per chip: (\S+);", out, re.M).group(1))
     assert flops > 1e13, flops
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(pods.SAMPLING))
+def test_sampling_config_fits(name):
+    """One guided sampling step of the FSDP-sharded IF U-Net (forward only) fits the slice's chips."""
+    accelerator, out = run_inspect(name)
+    print(out[out.find("topology="):])
+    fits = re.search(r"^fits=(true|false) per_chip_bytes=(\d+) hbm_bytes=(\d+)$", out, re.M)
+    assert fits and fits.group(1) == "true", out[-2000:]
+    assert int(fits.group(3)) == topology.chip_spec(accelerator).hbm_bytes
+    _, _, fsdp, prompts = pods.SAMPLING[name]
+    head = re.search(r"^topology=(\S+) chips=(\d+) batch=(\d+) prompts=(\d+)", out, re.M)
+    assert head and head.groups() == (accelerator, str(topology.slice_spec(accelerator).num_chips),
+                                      str(2 * prompts), str(prompts)), out[-2000:]
+    # The weights alone are 8.6 GB in bf16: a chip holding ~1/fsdp of them (plus activations) shows
+    # the U-Net really is sharded, not replicated.
+    assert 8.6e9 / fsdp < int(fits.group(2)) < 8.6e9, fits.group(0)
 
 
 def test_pod_names_are_checked():
