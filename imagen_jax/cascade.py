@@ -146,8 +146,13 @@ class StageSampler:
             with nn.logical_axis_rules(self.rules):
                 return self.model.apply({"params": params}, x, logsnr, text2, mask2, **kw)
 
+        def cond_fn(x, logsnr):  # the conditional half alone: guidance 1 skips the null-text pass
+            half = {k: v[:b] for k, v in kw.items()}
+            with nn.logical_axis_rules(self.rules):
+                return self.model.apply({"params": params}, x, logsnr, text, mask, **half)
+
         x_init = jax.random.normal(init_rng, (b, size, size, 3), jnp.float32)
-        return diffusion.sample_loop(diffusion.guided(model_fn, guidance), x_init, loop_rng,
+        return diffusion.sample_loop(diffusion.guided(model_fn, guidance, cond_fn), x_init, loop_rng,
                                      schedule=st.config.diffusion.schedule, sampler=s.sampler, num_steps=s.steps,
                                      eta=s.eta, thresholding=s.thresholding, percentile=percentile,
                                      prediction=st.config.diffusion.prediction)

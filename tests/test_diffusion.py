@@ -169,3 +169,25 @@ def test_ddpm_gamma_matches_analytic_variance(gamma):
 def test_bad_gamma():
     with pytest.raises(ValueError, match="gamma"):
         diffusion.sample(gaussian_eps, (2, 1), jax.random.PRNGKey(0), sampler="ddpm", gamma=1.5)
+
+
+@pytest.mark.parametrize("w", [1.0, 3.0])
+def test_guidance_one_skips_the_unconditional_pass(w):
+    # The network's batch sizes are recorded when it actually runs (debug callbacks inside the
+    # lax.cond branch taken): weight 1 must run only the B-example conditional half.
+    seen = []
+    record = lambda x: seen.append(x.shape[0])  # noqa: E731
+
+    def model_fn(x, logsnr):  # [cond; uncond]: the conditional half predicts 1, the other 0
+        jax.debug.callback(record, x)
+        return jnp.concatenate([jnp.ones_like(x[: x.shape[0] // 2]), jnp.zeros_like(x[x.shape[0] // 2:])], 0)
+
+    def cond_fn(x, logsnr):
+        jax.debug.callback(record, x)
+        return jnp.ones_like(x)
+
+    fn = jax.jit(lambda x, ls, g: diffusion.guided(model_fn, g, cond_fn)(x, ls))
+    out = fn(jnp.zeros((4, 3)), jnp.zeros((4,)), jnp.float32(w))
+    jax.effects_barrier()
+    assert seen == ([4] if w == 1.0 else [8])
+    np.testing.assert_allclose(out, w * np.ones((4, 3)))  # uncond + w (cond - uncond), uncond = 0
