@@ -197,10 +197,117 @@ def unet_step_specs(args, base):
     return jobs
 
 
+SCHED_I = dict(beta_schedule="squaredcos_cap_v2", beta_start=0.0001, beta_end=0.02, clip_sample=True,
+               clip_sample_range=1.0, dynamic_thresholding_ratio=0.95, num_train_timesteps=1000,
+               prediction_type="epsilon", sample_max_value=1.5, thresholding=True, variance_type="learned_range")
+SCHED_II = dict(SCHED_I, sample_max_value=1.0)
+NOISING_II = dict(beta_schedule="squaredcos_cap_v2")  # IF-II's image_noising_scheduler (reference 1.5)
+
+
+def pipeline_inputs(batch, text_dim, seed=1):
+    """Prompt and negative embeddings [batch, 77, D] (the T5 is not part of this case on either side)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((batch, TEXT_LEN, text_dim), dtype=np.float32)
+    neg = rng.standard_normal((1, TEXT_LEN, text_dim), dtype=np.float32)
+    return emb, np.repeat(neg, batch, 0)
+
+
+def torch_pipeline(spec):
+    """diffusers IFPipeline (stage I) then IFSuperResolutionPipeline (stage II), fp16, from embeddings."""
+    import torch
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
+
+    dev = _torch_device()
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    u1 = UNet2DConditionModel.from_pretrained(spec["unet_dir"], variant="fp16", torch_dtype=dtype).to(dev).eval()
+    u2 = UNet2DConditionModel.from_pretrained(spec["unet2_dir"], variant="fp16", torch_dtype=dtype).to(dev).eval()
+    none = dict(tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None, watermarker=None,
+                requires_safety_checker=False)
+    p1 = IFPipeline(unet=u1, scheduler=DDPMScheduler(**SCHED_I), **none)
+    p2 = IFSuperResolutionPipeline(unet=u2, scheduler=DDPMScheduler(**SCHED_II),
+                                   image_noising_scheduler=DDPMScheduler(**NOISING_II), **none)
+    for p in (p1, p2):
+        p.set_progress_bar_config(disable=True)
+    emb, neg = pipeline_inputs(spec["prompts"], spec["text_dim"])
+    emb, neg = torch.from_numpy(emb).to(dev, dtype), torch.from_numpy(neg).to(dev, dtype)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def run(steps):
+        g = torch.Generator(dev).manual_seed(0)
+        img = p1(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps[0],
+                 guidance_scale=spec["guidance"][0], output_type="pt", generator=g).images
+        return p2(image=img, prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=steps[1],
+                  guidance_scale=spec["guidance"][1], noise_level=250, output_type="pt", generator=g).images
+
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        run((2, 2))  # warm-up: cuDNN/cuBLAS handles, allocator
+        r = timing.measure(lambda: run(spec["steps"]), lambda o: sync(), warmup=0, iters=spec["iters"],
+                           budget_s=spec["budget_s"], min_iters=1)
+    r.update(peak_bytes=torch.cuda.max_memory_allocated() if dev == "cuda" else None, dtype=str(dtype))
+    return r
+
+
+def jax_pipeline(spec):
+    """imagen_jax's IF stage samplers (one jitted scan per stage), the same weights and embeddings."""
+    import jax
+    import jax.numpy as jnp
+
+    from imagen_jax import deepfloyd
+    from imagen_jax.diffusion import discrete
+    from imagen_jax.models import deepfloyd_if
+
+    dtype = jnp.dtype(spec["dtype"])
+    stages = []
+    for kind, unet_dir, sched, noising in (("I", spec["unet_dir"], SCHED_I, None),
+                                           ("II", spec["unet2_dir"], SCHED_II, NOISING_II)):
+        module, params = deepfloyd_if.load_unet(unet_dir, dtype=dtype, attention_impl=spec["attention"])
+        stages.append(deepfloyd.IFStage(
+            source=unet_dir, kind=kind, module=module, params=params,
+            schedule=discrete.DiscreteSchedule.from_config(dict(sched, _class_name="DDPMScheduler")),
+            noising=discrete.DiscreteSchedule.from_config(dict(noising, _class_name="DDPMScheduler")) if noising else None,
+            has_text_encoder=False))
+    emb, neg = pipeline_inputs(spec["prompts"], spec["text_dim"])
+    emb, neg = jnp.asarray(emb, dtype), jnp.asarray(neg[:1], dtype)
+    samplers = [deepfloyd.IFStageSampler(st, deepfloyd.IFSettings(steps=n, guidance=g), neg)
+                for st, n, g in zip(stages, spec["steps"], spec["guidance"])]
+
+    def run():
+        rng = jax.random.PRNGKey(0)
+        low = samplers[0](emb, None, None, jax.random.fold_in(rng, 0))
+        return samplers[1](emb, None, low, jax.random.fold_in(rng, 1))
+
+    t0 = time.time()
+    jax.block_until_ready(run())  # compiles both stages' programs
+    first_s = time.time() - t0
+    r = timing.measure(run, jax.block_until_ready, warmup=0, iters=spec["iters"], budget_s=spec["budget_s"],
+                       min_iters=1)
+    stats = jax.devices()[0].memory_stats() or {}
+    r.update(peak_bytes=stats.get("peak_bytes_in_use"), dtype=dtype.name, first_run_s=first_s)
+    return r
+
+
 def pipeline_specs(args, base):
-    """Hook for the whole stage I (100 steps, guidance 7) + stage II (50 steps), 16 prompts case:
-    return (label, side function, spec) jobs for `jax_pipeline` / `torch_pipeline`; none yet."""
-    return []
+    """The whole stage I (100 steps, guidance 7) + stage II (50 steps, guidance 4, noise level 250)
+    run for 16 prompts (`--prompts`), both sides from the same embeddings and weights."""
+    if args.tiny:
+        cfg2 = dict(TINY_UNET, in_channels=6, sample_size=32, class_embed_type="timestep")
+        steps = (3, 2)
+    else:
+        from imagen_jax.models import deepfloyd_if
+        cfg2, steps = deepfloyd_if.IF_II_L, (100, 50)
+    unet2_dir = os.path.join(args.workdir, "IF-II-L" if not args.tiny else "tiny2", "unet")
+    common = dict(base, unet2_dir=unet2_dir, config2=cfg2, prompts=args.prompts, steps=steps,
+                  guidance=(7.0, 4.0), iters=1 if not args.tiny else 1)
+    jobs = [("write stage II checkpoint", "torch_write_checkpoint", dict(config=cfg2, unet_dir=unet2_dir)),
+            (f"diffusers pipeline {args.prompts} prompts", "torch_pipeline", common)]
+    for dtype in args.dtypes[:1]:
+        jobs.append((f"imagen_jax pipeline {dtype} {args.prompts} prompts", "jax_pipeline",
+                     dict(common, dtype=dtype, attention=args.attention[0])))
+    return jobs
 
 
 CASES = {"unet_step": unet_step_specs, "pipeline": pipeline_specs}
@@ -258,6 +365,14 @@ def summarize(results, args):
             side = r["label"].split(" batch")[0] + (f" {res['dtype']}, {res['processor']}" if "processor" in res else
                                                    f", attention {res['attention']}")
             lines.append(f"| unet_step | {batch} | {side} | {ms:.1f} | {gib} | {ratio} |")
+    pipe = [r for r in results if r["fn"] in ("torch_pipeline", "jax_pipeline") and "result" in r]
+    ref = next((r["result"] for r in pipe if r["fn"] == "torch_pipeline"), None)
+    for r in pipe:
+        res = r["result"]
+        ratio = f"{ref['median_s'] / res['median_s']:.2f}x" if ref and r["fn"] == "jax_pipeline" else ""
+        gib = f"{res['peak_bytes'] / 2**30:.1f}" if res.get("peak_bytes") else "n/a"
+        lines.append(f"| pipeline I+II, {args.prompts} prompts (s/run) | {2 * args.prompts} | {r['label']} | "
+                     f"{res['median_s']:.2f} s | {gib} | {ratio} |")
     ref_path = os.path.join(args.workdir, "out_torch.npy")
     for path in sorted(glob.glob(os.path.join(args.workdir, "out_*.npy"))):
         if path != ref_path and os.path.exists(ref_path):
@@ -277,6 +392,7 @@ def main():
                    help="where the random checkpoint is written once and reused")
     p.add_argument("--wheels", default=os.environ.get("IF_BENCH_WHEELS", ""),
                    help="directory of wheels (diffusers ...) for the diffusers side")
+    p.add_argument("--prompts", type=int, default=16, help="pipeline case: prompts per run")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--budget", type=float, default=120.0, help="timing seconds per measurement")
