@@ -105,6 +105,7 @@ def _train_at(config, mesh, global_batch, spec):
            "loss": loss, "nonfinite_step": nonfinite, "memory_bytes_per_device": mem_bytes,
            "compiled_flops_per_device": compiled_flops, "model_flops": model_flops,
            "dp_size": int(parallel.data_parallel_size(mesh)),
+           "remat_report": getattr(trainer, "remat_report", None),  # what remat="auto" tried and kept
            "settings": (f"{config.model.dtype}, remat={config.model.remat}, {config.optimizer.name}, "
                         f"clip {config.optimizer.clip_norm}, EMA {config.optimizer.ema_decay}, "
                         f"attention {config.model.attention_impl}")}
