@@ -100,13 +100,17 @@ def inspect_if_sample(config):
     print(f"topology={FLAGS.topology} chips={len(devices)} batch={2 * int(config.prompts)} "
           f"prompts={int(config.prompts)} dtype={config.dtype} mesh={mesh}")
     if compiled is not None:
-        print(f"per-chip memory: arguments {human(rep['argument_bytes'])}, temporaries "
-              f"{human(rep['temp_bytes'])}, outputs {human(rep['output_bytes'])}, total "
-              f"{human(rep['per_chip_bytes'])} of HBM {human(rep['hbm_bytes'])}")
+        print_chip_memory(rep)
     if rep.get("flops"):
         print(f"flops per sampling step per chip: {rep['flops']:.4g}; estimated step time at {FLAGS.mfu:.0%} "
               f"MFU: {rep['est_step_time'] * 1e3:.1f} ms")
     print(topology.format_fits_line(rep))
+
+
+def print_chip_memory(rep):
+    print(f"per-chip memory: arguments {human(rep['argument_bytes'])}, temporaries "
+          f"{human(rep['temp_bytes'])}, outputs {human(rep['output_bytes'])}, aliased "
+          f"{human(rep['alias_bytes'])}, total {human(rep['per_chip_bytes'])} of HBM {human(rep['hbm_bytes'])}")
 
 
 def main(argv):
@@ -141,9 +145,7 @@ def _main():
         print(f"topology={FLAGS.topology} chips={len(devices)} batch={batch} "
               f"microbatches={trainer.microbatches} mesh={dict(config.mesh)}")
         if compiled is not None:
-            print(f"per-chip memory: arguments {human(rep['argument_bytes'])}, temporaries "
-                  f"{human(rep['temp_bytes'])}, outputs {human(rep['output_bytes'])}, aliased "
-                  f"{human(rep['alias_bytes'])}, total {human(rep['per_chip_bytes'])} of HBM {human(rep['hbm_bytes'])}")
+            print_chip_memory(rep)
         if rep.get("flops"):
             chip = topology.chip_spec(FLAGS.topology)
             print(f"flops per step per chip: {rep['flops']:.4g}; estimated step time at {FLAGS.mfu:.0%} MFU "
