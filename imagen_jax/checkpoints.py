@@ -6,11 +6,12 @@ first non-finite step). Orbax writes each step to a temporary directory and rena
 complete, so an interrupted save never looks like a checkpoint.
 """
 import json
-import os
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from imagen_jax import paths
 
 ITEMS = ("params", "ema_params", "opt_state", "meta")
 
@@ -20,37 +21,39 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_dir(workdir):
-    return os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
+    return paths.join(paths.absolute(workdir), "checkpoints")
 
 
 def manager(workdir, *, keep=3, async_save=True, create=True):
+    """The workdir's orbax CheckpointManager. Preemption: on a multi-host run
+    `mngr.reached_preemption(step)` is true on every host at the same step once any host got
+    SIGTERM (jax.distributed's preemption sync manager), so all hosts save that step."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
 def save_config(workdir, config):
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config.to_json(indent=2))
-    os.replace(tmp, path)
+    paths.makedirs(workdir)
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json(indent=2))
 
 
 def load_config(workdir):
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "config.json")
+    if not paths.isfile(path):
         raise CheckpointError(f"{workdir} is not a training workdir: no config.json in it")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
 
 
 def available_steps(workdir):
-    d = checkpoint_dir(workdir)
-    if not os.path.isdir(d):
+    """The complete checkpoints' steps, as orbax lists them (unfinished saves are not steps)."""
+    if not paths.isdir(checkpoint_dir(workdir)):
         return []
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n)))
+    mngr = manager(workdir, async_save=False, create=False)
+    try:
+        return sorted(int(s) for s in mngr.all_steps())
+    finally:
+        mngr.close()
 
 
 def save(mngr, step, state, meta):
@@ -73,7 +76,7 @@ def restore(mngr, step, abstract_state, state_shardings, items=("params", "ema_p
     try:
         out = mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many kinds; the user needs the path and the cause
-        raise CheckpointError(f"checkpoint {os.path.join(str(mngr.directory), str(step))} "
+        raise CheckpointError(f"checkpoint {paths.join(str(mngr.directory), str(step))} "
                               f"could not be restored ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     return {k: out[k] for k in items}, dict(out["meta"])
 
@@ -93,7 +96,7 @@ def restore_params(workdir, abstract_params, shardings, *, step=None, which="ema
         try:
             out = mngr.restore(step, args=args)
         except Exception as e:
-            raise CheckpointError(f"checkpoint {os.path.join(checkpoint_dir(workdir), str(step))} could not be "
+            raise CheckpointError(f"checkpoint {paths.join(checkpoint_dir(workdir), str(step))} could not be "
                                   f"restored ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
         return out[which], step
     finally:

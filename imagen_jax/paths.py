@@ -1,0 +1,160 @@
+"""The one path layer for every user path (workdir, checkpoints, TensorBoard, previews, vocabularies,
+T5 checkpoints, embeddings, stage directories, bundles, FID workdirs): local or `gs://`.
+
+`path(p)` is an `etils.epath.Path`, the layer orbax itself uses, so a workdir string means the
+same place to us and to orbax/tensorstore. gs:// goes through fsspec/gcsfs (google-cloud-storage
+credentials; `STORAGE_EMULATOR_HOST` for an emulator), never through tf.io.gfile: TensorFlow may
+be absent outside `data/`, and its GCS client cannot be pointed at an emulator.
+"""
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+
+# Read by epath on its first gs:// access (cached afterwards), so it must be set at import.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+from etils import epath  # noqa: E402
+
+
+class PathError(ValueError):
+    pass
+
+
+def path(p) -> epath.Path:
+    if isinstance(p, epath.Path):
+        return p
+    return epath.Path(os.fspath(p))
+
+
+def is_remote(p) -> bool:
+    return "://" in os.fspath(p)
+
+
+def join(p, *parts) -> str:
+    """A string path (local or gs://) joined with parts."""
+    return os.fspath(path(p).joinpath(*parts))
+
+
+def absolute(p) -> str:
+    """gs:// paths unchanged; local ones made absolute (orbax needs absolute paths)."""
+    p = os.fspath(p)
+    return p if is_remote(p) else os.path.abspath(p)
+
+
+def exists(p) -> bool:
+    return path(p).exists()
+
+
+def isdir(p) -> bool:
+    return path(p).is_dir()
+
+
+def isfile(p) -> bool:
+    q = path(p)
+    return q.exists() and not q.is_dir()
+
+
+def makedirs(p):
+    path(p).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(p):
+    return sorted(c.name for c in path(p).iterdir())
+
+
+def read_bytes(p) -> bytes:
+    return path(p).read_bytes()
+
+
+def read_text(p) -> str:
+    return path(p).read_text()
+
+
+def write_bytes(p, data: bytes):
+    """Atomic: readers see the old file or the new one. A GCS object upload is atomic by itself;
+    a local file is written beside its target and renamed."""
+    q = path(p)
+    if is_remote(p):
+        q.write_bytes(data)
+        return
+    tmp = q.parent / f".{q.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_bytes(data)
+    os.replace(tmp, q)
+
+
+def write_text(p, text: str):
+    write_bytes(p, text.encode("utf-8"))
+
+
+def rmtree(p):
+    q = path(p)
+    if q.exists():
+        q.rmtree()
+
+
+def copy_tree(src, dst):
+    """Copies a directory tree between any two places (local -> gs:// for staged outputs)."""
+    src, dst = path(src), path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for child in src.iterdir():
+        if child.is_dir():
+            copy_tree(child, dst / child.name)
+        else:
+            (dst / child.name).write_bytes(child.read_bytes())
+
+
+def check_bucket(p):
+    """For a gs:// path: the bucket exists and the credentials may use it, else one clear
+    PathError (before any work or any write). Local paths pass."""
+    p = os.fspath(p)
+    if not p.startswith("gs://"):
+        return
+    bucket = p[len("gs://"):].split("/", 1)[0]
+    if not bucket:
+        raise PathError(f"{p}: no bucket name in the gs:// path")
+    import gcsfs
+
+    if not os.environ.get("STORAGE_EMULATOR_HOST"):
+        import google.auth
+
+        try:
+            google.auth.default()
+        except google.auth.exceptions.DefaultCredentialsError as e:
+            raise PathError(f"{p}: no Google Cloud credentials ({str(e).splitlines()[0][:200]}); run "
+                            "`gcloud auth application-default login`, or run on a TPU VM with a service "
+                            "account") from None
+    try:
+        fs = gcsfs.GCSFileSystem(skip_instance_cache=True)
+        ok = fs.exists(bucket)
+    except Exception as e:  # google.auth raises its own kinds for missing/invalid credentials
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise PathError(f"{p}: cannot reach bucket gs://{bucket} ({type(e).__name__}: {msg}); check the "
+                        "credentials (gcloud auth application-default login, or the TPU VM's service "
+                        "account)") from None
+    if not ok:
+        raise PathError(f"{p}: bucket gs://{bucket} does not exist (create it with "
+                        f"`gcloud storage buckets create gs://{bucket}`) or these credentials cannot see it")
+
+
+@contextlib.contextmanager
+def local_file(p):
+    """A local file path holding p's bytes, for libraries that only open local files
+    (safetensors, sentencepiece's trainer); the path itself when p is local."""
+    if not is_remote(p):
+        yield os.fspath(p)
+        return
+    d = tempfile.mkdtemp(prefix="imagen_jax_")
+    try:
+        local = os.path.join(d, path(p).name)
+        with open(local, "wb") as f:
+            f.write(read_bytes(p))
+        yield local
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+__all__ = ["PathError", "absolute", "check_bucket", "copy_tree", "exists", "is_remote", "isdir", "isfile",
+           "join", "listdir", "local_file", "makedirs", "path", "read_bytes", "read_text", "rmtree",
+           "write_bytes", "write_text"]
