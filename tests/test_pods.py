@@ -52,6 +52,7 @@ def test_pod_config_fits(name):
 
 
 @pytest.mark.slow
+@pytest.mark.tpu_sampling
 @pytest.mark.parametrize("name", sorted(pods.SAMPLING))
 def test_sampling_config_fits(name):
     """One guided sampling step of the FSDP-sharded IF U-Net (forward only) fits the slice's chips."""

@@ -205,9 +205,9 @@ def test_inspect_prints_parameter_count():
                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
-    assert lines[-1] == "params=426678659"
+    assert lines[-1] == "params=458151299"  # the paper layout (README "Models")
     per_module = [int(l.split()[-1].replace(",", "")) for l in lines if l.startswith(("down", "up", "conv", "time", "aug", "text", "out"))]
-    assert sum(per_module) == 426678659
+    assert sum(per_module) == 458151299
 
 
 def test_microbatched_gradients_match_full_batch():
