@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import checkpoints, diffusion, parallel
-from imagen_jax.diffusion import schedules
+from imagen_jax.diffusion import keys, schedules
 from imagen_jax.models import UNet, UNetConfig, init_inputs, upsample_lowres
 
 
@@ -135,11 +135,11 @@ class StageSampler:
         text2 = jnp.concatenate([text, jnp.zeros_like(text)], 0)  # [cond; null] in one batch
         mask2 = jnp.concatenate([mask, jnp.zeros_like(mask)], 0)
         kw = {}
-        init_rng, loop_rng, aug_rng = jax.random.split(rng, 3)
+        init_rng, loop_rng, aug_rng = keys.split(rng, 3)  # rng: one key, or one per image
         if st.is_sr:
             up = upsample_lowres(lowres, size)
-            aug = jnp.full((b,), schedules.logsnr_fn(st.config.diffusion.schedule)(aug_level))
-            up = schedules.q_sample(up, aug, jax.random.normal(aug_rng, up.shape))
+            aug = jnp.full((b,), schedules.aug_logsnr(aug_level))  # the same level -> noise on every stage
+            up = schedules.q_sample(up, aug, keys.normal(aug_rng, up.shape))
             kw = dict(lowres=jnp.concatenate([up, up], 0), lowres_logsnr=jnp.concatenate([aug, aug], 0))
 
         def model_fn(x, logsnr):
@@ -151,7 +151,7 @@ class StageSampler:
             with nn.logical_axis_rules(self.rules):
                 return self.model.apply({"params": params}, x, logsnr, text, mask, **half)
 
-        x_init = jax.random.normal(init_rng, (b, size, size, 3), jnp.float32)
+        x_init = keys.normal(init_rng, (b, size, size, 3))
         return diffusion.sample_loop(diffusion.guided(model_fn, guidance, cond_fn), x_init, loop_rng,
                                      schedule=st.config.diffusion.schedule, sampler=s.sampler, num_steps=s.steps,
                                      eta=s.eta, thresholding=s.thresholding, percentile=percentile,
@@ -181,13 +181,15 @@ def make_sampler(stage, mesh, settings, negative=None):
     return StageSampler(stage, mesh, settings)
 
 
-def run_cascade(samplers, text, mask, seed, *, batch_size=None, log=print, progress=True):
+def run_cascade(samplers, text, mask, seed, *, batch_size=None, log=print, progress=True, image_ids=None):
     """Samples every stage in turn for all prompts' embeddings (text [N, L, D], mask [N, L]; or one
     (text, mask) per stage as lists, when stages of different families read different encoders).
 
     Returns a list with each stage's images, uint8 [N, S, S, 3], and the seconds each stage took.
-    Batches are padded to a multiple of the data-parallel size; image i of a run depends only on
-    (seed, its batch index and position), so the same seed and settings reproduce it exactly.
+    Batches are padded to a multiple of the data-parallel size. Every image draws its noise from its
+    own key, keys.per_image(seed, stage, image_ids[i]) (image_ids default 0..N-1), so image i depends
+    only on (seed, its id, its inputs and the settings): not on the batch size, its place in the
+    batch or the device count.
     """
     from tqdm import tqdm
 
@@ -196,6 +198,9 @@ def run_cascade(samplers, text, mask, seed, *, batch_size=None, log=print, progr
     texts = list(text) if isinstance(text, (list, tuple)) else [text] * len(samplers)
     masks = list(mask) if isinstance(mask, (list, tuple)) else [mask] * len(samplers)
     n = texts[0].shape[0]
+    ids = np.arange(n) if image_ids is None else np.asarray(image_ids)
+    if ids.shape != (n,):
+        raise CascadeError(f"image_ids must be [{n}] (one per prompt), got shape {ids.shape}")
     batch_size = batch_size or max(dp, min(n, 64))
     batch_size = -(-batch_size // dp) * dp
     outputs, times = [], []
@@ -212,7 +217,8 @@ def run_cascade(samplers, text, mask, seed, *, batch_size=None, log=print, progr
             lr = None
             if lowres_all is not None:
                 lr, _ = pad_batch(lowres_all[start:start + batch_size], dp)
-            rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), k), start // batch_size)
+            ib, _ = pad_batch(ids[start:start + batch_size], dp)
+            rng = keys.per_image(seed, k, ib)
             imgs = sampler(tb, mb, lr, rng)
             imgs = np.asarray(jax.device_get(imgs))
             chunks.append(imgs[: imgs.shape[0] - pad] if pad else imgs)

@@ -58,3 +58,64 @@ def test_sr1024_schedule_warmup_then_constant():
     _, lr_fn = make_optimizer(c.optimizer, c.train.num_steps)
     for step, value in [(0, 0.0), (10_000, 1e-4), (1_250_000, 1e-4), (2_500_000, 1e-4)]:
         assert float(lr_fn(step)) == pytest.approx(value, rel=1e-5, abs=1e-12), step
+
+
+class _Recorder:
+    """Stands in for a stage's U-Net: records the conditioning-augmentation log-SNR it is given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def apply(self, variables, x, logsnr, text, mask, lowres=None, lowres_logsnr=None, **kw):
+        jax.debug.callback(lambda v: self.seen.append(np.asarray(v)), lowres_logsnr)
+        return jnp.zeros_like(x)
+
+
+def _sr_configs():
+    from tests.stage_utils import tiny_config
+    small = {"data.image_size": 16, "data.full_size": 0, "diffusion.lowres_size": 8}  # only the schedules matter
+    c256, c1024 = tiny_config("sr256", **small), tiny_config("sr1024", **small)
+    assert (c256.diffusion.schedule, c1024.diffusion.schedule) == ("cosine", "linear")
+    return c256, c1024
+
+
+def test_aug_level_gives_the_same_noise_on_every_sr_stage_when_sampling():
+    # Item 6: aug_level 0.3 was noise variance 0.21 on SR256 (cosine) but 0.60 on SR1024 (linear).
+    from imagen_jax import cascade, parallel
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    variances = []
+    for c in _sr_configs():
+        stage = cascade.Stage(config=c, params={"w": jnp.zeros(())}, source="test", step=0)
+        settings = cascade.StageSettings(sampler="ddim", steps=1, guidance=2.0, thresholding="none",
+                                         aug_level=0.3)
+        sampler = cascade.StageSampler(stage, mesh, settings)
+        sampler.model = _Recorder()
+        n, low = 8, stage.lowres_size
+        sampler(np.zeros((n, 4, c.model.text_dim), np.float32), np.ones((n, 4), bool),
+                np.zeros((n, low, low, 3), np.float32), jax.random.PRNGKey(0)).block_until_ready()
+        jax.effects_barrier()
+        logsnr = np.concatenate(sampler.model.seen)
+        variances.append(1 / (1 + np.exp(logsnr)))  # sigma^2 = sigmoid(-logsnr)
+    expected = math.sin(0.3 * math.pi / 2) ** 2  # the cosine schedule's sigma^2 at t = 0.3 (its clip is ~1e-9)
+    for v in variances:
+        np.testing.assert_allclose(v, expected, rtol=1e-4)
+
+
+def test_aug_levels_drawn_in_training_give_the_same_noise_on_every_sr_stage():
+    from imagen_jax import parallel, training
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    seen = []
+    for c in _sr_configs():
+        c.diffusion.noise_aug, c.diffusion.aug_max = True, 1.0
+        trainer = training.Trainer(c, mesh)
+        trainer.model = _Recorder()
+        s, low, n = c.data.image_size, c.diffusion.lowres_size, 4
+        batch = {"image": jnp.zeros((n, s, s, 3)), "lowres": jnp.zeros((n, low, low, 3)),
+                 "text": jnp.zeros((n, 4, c.model.text_dim)), "text_mask": jnp.ones((n, 4), bool)}
+        jax.jit(trainer.loss_fn)(None, batch, jax.random.PRNGKey(1)).block_until_ready()
+        jax.effects_barrier()
+        seen.append(np.concatenate(trainer.model.seen))
+    np.testing.assert_array_equal(seen[0], seen[1])
+    # The same draw of levels t, through the cosine augmentation schedule.
+    t = np.asarray(jax.random.uniform(jax.random.split(jax.random.PRNGKey(1), 5)[1], (4,)), np.float64)
+    np.testing.assert_allclose(1 / (1 + np.exp(seen[0])), np.sin(t * np.pi / 2) ** 2, rtol=1e-3, atol=1e-8)

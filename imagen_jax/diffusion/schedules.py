@@ -15,6 +15,12 @@ LOGSNR_MAX = 20.0
 # continuous time (beta(t) = 1000 * beta_i).
 LINEAR_BETA_0 = 0.1
 LINEAR_BETA_1 = 20.0
+# Noise conditioning augmentation (the noise put on a super-resolution stage's low-res input) uses
+# this one schedule on every stage, whatever the stage's own: an aug_level then means the same noise
+# variance on SR256 (cosine) and SR1024 (linear), so the paper's single recommended range (D.2:
+# "0.1 to 0.3", aug_level = 0.3 for both SR models) means one thing. Cosine is the base's and SR256's
+# own schedule, so only SR1024's mapping changed (0.3: noise variance 0.21, was 0.60 through linear).
+AUG_SCHEDULE = "cosine"
 
 
 def check_schedule(schedule):
@@ -43,6 +49,11 @@ def logsnr_fn(schedule):
         return -jnp.log(jnp.expm1(jnp.maximum(integral, 1e-9)))
 
     return linear
+
+
+def aug_logsnr(aug_level):
+    """Log-SNR of a conditioning-augmentation level in [0, 1] (any shape), through AUG_SCHEDULE."""
+    return logsnr_fn(AUG_SCHEDULE)(aug_level)
 
 
 def alpha_sigma(logsnr):

@@ -245,7 +245,8 @@ class Trainer:
             if c.diffusion.noise_aug:
                 # Noise conditioning augmentation: corrupt the conditioning image at a level drawn
                 # per example from U(0, aug_max) (paper: U(0, 1)) and tell the network that level.
-                aug_logsnr = diffusion.sample_logsnr(aug_rng, x0.shape[0], c.diffusion.schedule,
+                # Levels map to noise through the one augmentation schedule, not the stage's own.
+                aug_logsnr = diffusion.sample_logsnr(aug_rng, x0.shape[0], schedules.AUG_SCHEDULE,
                                                      c.diffusion.get("aug_max", 1.0))
                 noise = jax.random.normal(aug_noise_rng, lowres.shape, jnp.float32)
                 lowres = schedules.q_sample(lowres, aug_logsnr, noise)
