@@ -5,28 +5,29 @@
     python -m imagen_jax.encode_text --t5 t5-v1_1-xxl/ --vocab spiece.model \
         --tfds coco_captions --split train --caption_key captions/text --out embeddings/
 
-Captions are deduplicated (first occurrence kept), cut into shards of --shard_size in input
-order, and each shard is written atomically (temp file + rename), so an interrupted run
-resumes where it stopped when started again with the same arguments. The result is read
-with `imagen_jax.text.encoder.EmbeddingStore(out).lookup(captions)`; the layout is
-described there. Embeddings are stored as bfloat16 with padded positions zeroed.
+Captions are normalised (whitespace collapsed, ends stripped) and deduplicated (first occurrence kept), cut
+into chunks of --shard_size in input order; host p of P (--process_index/--process_count, default jax's)
+encodes chunks p, p + P, ... and writes each as one part of the store, so every host of a pod writes its
+share in parallel. A part is written atomically, so an interrupted run resumes where it stopped when started
+again with the same arguments. An existing store is appended to: captions it already holds are skipped, and a
+store of another T5 or vocabulary is refused. The result is read with
+`imagen_jax.text.store.EmbeddingStore(out).lookup(captions)`; the layout (bfloat16, zstd-compressed rows,
+padded positions dropped) is described there. --out may be local or gs://.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
-import os
 import sys
 from typing import Iterable, Sequence
 
-import ml_dtypes
 import numpy as np
 
-from imagen_jax import cli
-from imagen_jax.text.encoder import (STORE_FORMAT, STORE_VERSION, EmbeddingStore, TextEncoder,
-                                     captions_digest)
+from imagen_jax import cli, paths
+from imagen_jax.text import store as store_lib
+from imagen_jax.text.encoder import TextEncoder
+from imagen_jax.text.store import EmbeddingStore
 
 log = logging.getLogger("imagen_jax.encode_text")
 
@@ -47,13 +48,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory (created; resumed if present)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--max_length", type=int, default=128, help="tokens per caption incl. EOS")
-    p.add_argument("--shard_size", type=int, default=4096, help="captions per shard file")
+    p.add_argument("--shard_size", type=int, default=4096, help="captions per part (one file pair)")
+    p.add_argument("--process_index", type=int, default=None,
+                   help="this host's number (default jax.process_index()): it encodes chunks i, i+P, ...")
+    p.add_argument("--process_count", type=int, default=None, help="hosts sharing the work (default jax's)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="parameter and compute dtype; auto: bfloat16 on accelerators, float32 on CPU")
     args = p.parse_args(argv)
     for name in ("batch_size", "max_length", "shard_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be positive")
+    if (args.process_index is None) != (args.process_count is None):
+        p.error("--process_index and --process_count go together")
+    if args.process_count is not None and not 0 <= args.process_index < args.process_count:
+        p.error(f"--process_index must be in [0, --process_count), got {args.process_index} of {args.process_count}")
     return args
 
 
@@ -61,9 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def read_captions_file(path: str) -> list[str]:
-    """One caption per line; surrounding whitespace stripped; empty lines skipped."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    """One caption per line (local or gs://), normalised; empty lines skipped."""
+    lines = (store_lib.normalize_caption(line) for line in paths.read_text(path).splitlines())
+    return [line for line in lines if line]
 
 
 def _tfds_captions(name: str, split: str, key: str, data_dir: str | None) -> Iterable[str]:
@@ -85,8 +93,9 @@ def _tfds_captions(name: str, split: str, key: str, data_dir: str | None) -> Ite
             value = value[part]
         for item in np.asarray(value).reshape(-1):  # a caption or a list of them
             text = item.decode("utf-8") if isinstance(item, bytes) else str(item)
-            if text.strip():
-                yield text.strip()
+            text = store_lib.normalize_caption(text)
+            if text:
+                yield text
 
 
 def _dedupe(captions: Iterable[str]) -> list[str]:
@@ -97,15 +106,7 @@ def _dedupe(captions: Iterable[str]) -> list[str]:
 
 
 def _model_fingerprint(encoder: TextEncoder) -> str:
-    """Identifies the weights cheaply (config + final norm scale), so a resumed run cannot
-    mix embeddings of two different T5 checkpoints."""
-    c = encoder.config
-    shape = (c.vocab_size, c.d_model, c.num_heads, c.head_dim, c.d_ff, c.num_layers)
-    h = hashlib.sha256(repr(shape).encode())  # not the dtype: resuming on other hardware is fine
-    scale = encoder.params["encoder"]["encoder_norm"]["scale"]
-    # Rounded to bfloat16 first: parameters loaded as float32 and as bfloat16 then hash alike.
-    h.update(np.asarray(scale).astype(ml_dtypes.bfloat16).astype(np.float32).tobytes())
-    return h.hexdigest()
+    return store_lib.model_fingerprint(encoder.config, encoder.params)
 
 
 def _vocab_digest(vocab_path) -> str | None:
@@ -119,81 +120,69 @@ def _vocab_digest(vocab_path) -> str | None:
 
 
 def check_out(out: str) -> None:
-    """--out must be creatable; an existing non-empty one must be an embedding store (resuming writes
+    """--out must be creatable; an existing non-empty one must be an embedding store (appending writes
     into it, so it is never another tool's directory)."""
-    from etils import epath
-
     cli.check_output(out, "--out")
-    d = epath.Path(out)
-    if "://" not in out and d.is_dir() and any(d.iterdir()) and not (d / EmbeddingStore.META).exists():
-        raise cli.UsageError(f"--out {out} exists and is not an embedding store (no {EmbeddingStore.META}); "
+    if not paths.is_remote(out) and paths.isdir(out) and paths.listdir(out) \
+            and not paths.exists(paths.join(out, store_lib.META)):
+        store_lib._check_not_old_format(out)
+        raise cli.UsageError(f"--out {out} exists and is not an embedding store (no {store_lib.META}); "
                              "give a new or empty directory")
 
 
 def encode_captions(encoder: TextEncoder, captions: Sequence[str], out: str, *,
                     batch_size: int = 64, shard_size: int = 4096, t5_path: str = "",
-                    progress: bool = True) -> dict:
-    """Encode unique `captions` into an EmbeddingStore at `out`, skipping finished shards.
-
-    Returns the index dict written to out/index.json (without the caption map).
-    """
+                    progress: bool = True, process_index: int = 0, process_count: int = 1) -> dict:
+    """Encode unique, normalised `captions` into the store at `out` (created or appended to): this host
+    encodes chunks process_index, process_index + process_count, ... of `shard_size` captions, skipping
+    finished parts and captions the store held before. Returns a summary dict."""
     from tqdm import tqdm
 
-    os.makedirs(out, exist_ok=True)
-    meta = {
-        "format": STORE_FORMAT, "version": STORE_VERSION,
-        "count": len(captions), "shard_size": shard_size, "num_shards": -(-len(captions) // shard_size),
-        "max_length": encoder.max_length, "d_model": encoder.dim, "dtype": "bfloat16",
-        "dims": {"embeddings": ["row", encoder.max_length, encoder.dim], "mask": ["row", encoder.max_length]},
-        "captions_sha256": captions_digest(captions),
+    captions = list(dict.fromkeys(store_lib.normalize_caption(c) for c in captions))
+    meta = store_lib.create(out, {
+        "max_length": encoder.max_length, "d_model": encoder.dim,
         "model_sha256": _model_fingerprint(encoder),
-        "t5": t5_path, "vocab": encoder.tokenizer.vocab_path,
         "vocab_sha256": _vocab_digest(encoder.tokenizer.vocab_path),
-    }
-    meta_path = os.path.join(out, EmbeddingStore.META)
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        differs = [k for k in ("captions_sha256", "model_sha256", "shard_size", "max_length",
-                               "d_model", "format", "vocab_sha256")
-                   if old.get(k) != meta[k] and not (k == "vocab_sha256" and k not in old)]
-        if differs:
-            raise ValueError(f"{out} holds embeddings of another run ({', '.join(differs)} differ); "
-                             "use a new --out directory or delete this one")
-    else:
-        EmbeddingStore.write_json(meta_path, meta)
-
-    shards = range(meta["num_shards"])
-    todo = [s for s in shards if not EmbeddingStore.shard_done(out, s)]
-    if len(todo) < len(shards):
-        log.info("resuming: %d of %d shards already done", len(shards) - len(todo), len(shards))
-    remaining = sum(len(captions[s * shard_size:(s + 1) * shard_size]) for s in todo)
+        "t5": t5_path, "vocab": encoder.tokenizer.vocab_path})
+    run_id = store_lib.captions_digest(captions)[:16]  # a restarted run finds its own parts by name
+    num_chunks = -(-len(captions) // shard_size)
+    mine = range(process_index, num_chunks, process_count)
+    todo = [k for k in mine if not store_lib.part_done(out, f"{run_id}-{k:06d}")]
+    if len(todo) < len(mine):
+        log.info("resuming: %d of this host's %d parts already done", len(mine) - len(todo), len(mine))
+    before = EmbeddingStore(out)  # parts written earlier (other runs): their captions are not redone
+    encoded = 0
+    remaining = sum(len(captions[k * shard_size:(k + 1) * shard_size]) for k in todo)
     with tqdm(total=remaining, unit="caption", disable=not progress, desc="encode_text") as bar:
-        for s in todo:
-            chunk = captions[s * shard_size:(s + 1) * shard_size]
+        for k in todo:
+            chunk = list(captions[k * shard_size:(k + 1) * shard_size])
+            new = [c for c, held in zip(chunk, before.contains(chunk)) if not held]
+            bar.update(len(chunk) - len(new))
             embs, masks = [], []
-            for start in range(0, len(chunk), batch_size):
-                emb, mask = encoder.encode(chunk[start:start + batch_size])
+            for start in range(0, len(new), batch_size):
+                emb, mask = encoder.encode(new[start:start + batch_size])
                 # Cast on device: half the bytes to move to the host.
                 embs.append(np.asarray(emb.astype("bfloat16")))
                 masks.append(np.asarray(mask))
                 bar.update(len(emb))
-            EmbeddingStore.write_shard(out, s, np.concatenate(embs), np.concatenate(masks))
-
-    index = {**meta, "shards": [os.path.basename(EmbeddingStore.shard_files(out, s)[0])
-                                for s in shards]}
-    where = {c: [i // shard_size, i % shard_size] for i, c in enumerate(captions)}
-    EmbeddingStore.write_json(os.path.join(out, EmbeddingStore.INDEX), {**index, "captions": where})
-    return index
+            shape = (0, encoder.max_length)
+            store_lib.write_part(out, f"{run_id}-{k:06d}", new,
+                                 np.concatenate(embs) if embs else np.zeros(shape + (encoder.dim,), np.float32),
+                                 np.concatenate(masks) if masks else np.zeros(shape, bool))
+            encoded += len(new)
+    before.close()
+    return {**meta, "count": len(captions), "encoded": encoded, "num_shards": num_chunks,
+            "parts_this_host": len(mine)}
 
 
 def _make_mesh():
     import jax
     from jax.sharding import Mesh
 
-    if jax.device_count() == 1:
+    # This host's devices only: hosts encode their own shares independently.
+    if jax.local_device_count() == 1:
         return None
-    return Mesh(np.array(jax.devices()), ("data",))
+    return Mesh(np.array(jax.local_devices()), ("data",))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -216,7 +205,9 @@ def run(args: argparse.Namespace) -> dict:
     log.info("encoding %d unique captions from %s with T5 %s (d_model %d, %d layers)",
              len(captions), source, args.t5, encoder.config.d_model, encoder.config.num_layers)
     index = encode_captions(encoder, captions, args.out, batch_size=args.batch_size,
-                            shard_size=args.shard_size, t5_path=args.t5)
+                            shard_size=args.shard_size, t5_path=args.t5,
+                            process_index=jax.process_index() if args.process_index is None else args.process_index,
+                            process_count=jax.process_count() if args.process_count is None else args.process_count)
     index["num_truncated"] = encoder.tokenizer.num_truncated
     return index
 
@@ -231,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"encode_text: error: {message}", file=sys.stderr)
         return 2
     print(f"encode_text: {index['count']} captions in {index['num_shards']} shards at {args.out} "
-          f"({index['num_truncated']} truncated to {index['max_length']} tokens this run)")
+          f"({index['encoded']} encoded by this host in {index['parts_this_host']} parts; "
+          f"{index['num_truncated']} truncated to {index['max_length']} tokens this run)")
     return 0
 
 

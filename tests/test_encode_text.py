@@ -123,6 +123,10 @@ def cli(t5_path, vocab, captions_file, out, **flags):
     return encode_text.main(argv)
 
 
+def _parts(out):
+    return sorted(p.name for p in (out / "parts").glob("*.index.npy"))
+
+
 def test_cli_writes_store_and_resumes_after_interruption(t5_path, vocab, captions_file, encoder,
                                                          tmp_path, monkeypatch):
     out = tmp_path / "emb"
@@ -131,19 +135,17 @@ def test_cli_writes_store_and_resumes_after_interruption(t5_path, vocab, caption
 
     def interrupted(self, prompts):
         calls.append(len(prompts))
-        if len(calls) == 3:  # first batch of the second shard
+        if len(calls) == 3:  # first batch of the second part
             raise KeyboardInterrupt
         return original(self, prompts)
 
     monkeypatch.setattr(TextEncoder, "encode", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cli(t5_path, vocab, captions_file, out)
-    assert EmbeddingStore.shard_done(str(out), 0) and not EmbeddingStore.shard_done(str(out), 1)
-    assert not (out / "index.json").exists()
-    with pytest.raises(FileNotFoundError, match="did not finish"):
-        EmbeddingStore(str(out))
-    done_shard = EmbeddingStore.shard_files(str(out), 0)
-    stamps = [os.stat(f).st_mtime_ns for f in done_shard]
+    assert len(_parts(out)) == 1 and _parts(out)[0].endswith("-000000.index.npy")
+    assert len(EmbeddingStore(str(out))) == 4  # a finished part is readable at once
+    done = sorted((out / "parts").iterdir())
+    stamps = [os.stat(f).st_mtime_ns for f in done]
 
     calls.clear()
 
@@ -153,15 +155,14 @@ def test_cli_writes_store_and_resumes_after_interruption(t5_path, vocab, caption
 
     monkeypatch.setattr(TextEncoder, "encode", counting)
     assert cli(t5_path, vocab, captions_file, out) == 0
-    assert sum(calls) == 6  # shards 1 and 2 only (4 + 2 captions); shard 0 was not redone
-    assert [os.stat(f).st_mtime_ns for f in done_shard] == stamps
-    assert not list(out.glob("*.tmp"))
+    assert sum(calls) == 6  # parts 1 and 2 only (4 + 2 captions); part 0 was not redone
+    assert [os.stat(f).st_mtime_ns for f in done] == stamps
+    assert not list(out.rglob("*.tmp*"))
 
     store = EmbeddingStore(str(out))
-    assert len(store) == store.count == 10 and store.captions == CAPTIONS[:10]
-    assert (store.max_length, store.dim, len(store.shards)) == (16, 8, 3)
-    index = json.loads((out / "index.json").read_text())
-    assert index["captions"][CAPTIONS[5]] == [1, 1] and index["dtype"] == "bfloat16"
+    assert len(store) == 10 and (store.max_length, store.dim, len(store.parts)) == (16, 8, 3)
+    meta = json.loads((out / "store.json").read_text())
+    assert meta["dtype"] == "bfloat16" and meta["compression"].startswith("zstd") and meta["version"] == 2
 
     query = [CAPTIONS[9], CAPTIONS[0], CAPTIONS[5]]
     emb, mask = store.lookup(query)
@@ -171,7 +172,10 @@ def test_cli_writes_store_and_resumes_after_interruption(t5_path, vocab, caption
     np.testing.assert_array_equal(emb, np.asarray(ref_emb).astype(ml_dtypes.bfloat16))
     as_f32, _ = store.lookup(query, dtype=np.float32)
     assert as_f32.dtype == np.float32
-    with pytest.raises(KeyError, match="not in"):
+    # Surrounding and doubled whitespace find the stored caption (the file had "  " + CAPTIONS[3] + "  ").
+    spaced, _ = store.lookup(["  " + CAPTIONS[3].replace(" ", "  ") + "\t"])
+    np.testing.assert_array_equal(spaced[0], store.lookup([CAPTIONS[3]])[0][0])
+    with pytest.raises(KeyError, match="not in the embedding store"):
         store.lookup(["a purple elephant"])
 
     # A finished run started again does no work.
@@ -180,22 +184,58 @@ def test_cli_writes_store_and_resumes_after_interruption(t5_path, vocab, caption
     assert calls == []
 
 
-def test_cli_refuses_to_mix_runs(t5_path, vocab, captions_file, tmp_path, capsys):
+def test_cli_appends_and_refuses_another_t5(t5_path, vocab, captions_file, encoder, tmp_path, capsys):
     out = tmp_path / "emb"
     assert cli(t5_path, vocab, captions_file, out) == 0
-    other = tmp_path / "other.txt"
-    other.write_text("a completely different caption\n")
+    more = tmp_path / "more.txt"
+    more.write_text(CAPTIONS[8] + "\n" + "\n".join(CAPTIONS[10:]) + "\n")  # one held, 8 new
     capsys.readouterr()
-    assert cli(t5_path, vocab, str(other), out) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "another run" in err[0] and "captions_sha256" in err[0]
-    # Same captions, other weights (final norm changed): refused as well.
+    assert cli(t5_path, vocab, str(more), out) == 0
+    assert "(8 encoded by this host" in capsys.readouterr().out
+    store = EmbeddingStore(str(out))
+    assert len(store) == len(CAPTIONS) and store.contains(CAPTIONS).all()
+    emb, _ = store.lookup(CAPTIONS[10:])
+    np.testing.assert_array_equal(emb, np.asarray(encoder.encode(CAPTIONS[10:])[0]).astype(ml_dtypes.bfloat16))
+    # Same store, other weights (final norm changed): refused, nothing written.
     _, params = t5.load_checkpoint(t5_path)
     params["encoder"]["encoder_norm"]["scale"] = params["encoder"]["encoder_norm"]["scale"] * 2
     other_t5 = checkpoints.save_safetensors(params, str(tmp_path / "other.safetensors"))[0]
+    before = _parts(out)
     assert cli(other_t5, vocab, captions_file, out) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "model_sha256" in err[0]
+    assert len(err) == 1 and "model_sha256" in err[0] and _parts(out) == before
+
+
+def test_hosts_write_their_shares_in_parallel(encoder, tmp_path):
+    """Two hosts (process 0 and 1 of 2) on one store at the same time: disjoint parts, one readable store."""
+    import threading
+
+    out = str(tmp_path / "emb")
+    results = {}
+
+    def host(p):
+        results[p] = encode_text.encode_captions(encoder, CAPTIONS, out, batch_size=4, shard_size=4,
+                                                 progress=False, process_index=p, process_count=2)
+
+    threads = [threading.Thread(target=host, args=(p,)) for p in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0]["encoded"] + results[1]["encoded"] == len(CAPTIONS)  # 18: chunks 0,2,4 and 1,3
+    assert (results[0]["encoded"], results[1]["encoded"]) == (10, 8)
+    store = EmbeddingStore(out)
+    assert len(store) == len(CAPTIONS) and len(store.parts) == 5
+    emb, mask = store.lookup(CAPTIONS)
+    ref, ref_mask = encoder.encode(CAPTIONS)
+    np.testing.assert_array_equal(emb, np.asarray(ref).astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(mask, np.asarray(ref_mask))
+
+
+def test_old_store_gets_a_clear_message(tmp_path):
+    (tmp_path / "index.json").write_text("{}")
+    with pytest.raises(ValueError, match="format version 1.*encode the captions again"):
+        EmbeddingStore(str(tmp_path))
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "wrong_model"])

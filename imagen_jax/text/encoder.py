@@ -3,20 +3,16 @@
     enc = TextEncoder.from_checkpoint(t5_path, vocab_path, max_length=128, mesh=mesh)
     emb, mask = enc.encode(["a corgi on a skateboard", ...])   # [B, L, D], [B, L]
 
-The EmbeddingStore is the on-disk cache written by `python -m imagen_jax.encode_text` so
-training can skip the encoder: `EmbeddingStore(dir).lookup(captions) -> (emb, mask)`.
+The EmbeddingStore (text/store.py, re-exported here) is the on-disk cache written by
+`python -m imagen_jax.encode_text` so training can skip the encoder.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import os
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -74,7 +70,8 @@ class TextEncoder:
             missing = [a for a in axes if a not in mesh.shape]
             if missing:
                 raise ValueError(f"batch_axis {missing} not in mesh axes {tuple(mesh.shape)}")
-            self.batch_multiple = int(np.prod([mesh.shape[a] for a in axes]))
+            # Rows per host must split evenly over this host's share of the batch axes.
+            self.batch_multiple = max(1, int(np.prod([mesh.shape[a] for a in axes])) // jax.process_count())
             replicated = NamedSharding(mesh, P())
 
             def place(x):
@@ -114,9 +111,14 @@ class TextEncoder:
             ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), np.int32)])
             mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
         if self._data_sharding is not None:
-            ids = jax.device_put(ids, self._data_sharding)
-            mask = jax.device_put(mask, self._data_sharding)
+            # This host's rows (all rows with one process): each host encodes its own captions.
+            ids = jax.make_array_from_process_local_data(self._data_sharding, ids)
+            mask = jax.make_array_from_process_local_data(self._data_sharding, mask)
         emb, out_mask = self._fn(self.params, ids, mask)
+        if self._data_sharding is not None and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            emb, out_mask = multihost_utils.global_array_to_host_local_array(
+                (emb, out_mask), self.mesh, self._data_sharding.spec)
         if pad:
             emb, out_mask = emb[:b], out_mask[:b]
         return emb, out_mask
@@ -145,13 +147,14 @@ class TextEncoder:
     @classmethod
     def random(cls, tokenizer: T5Tokenizer | str, *, size: str = "tiny", seed: int = 0,
                max_length: int = 128, dtype: Any = jnp.float32, mesh: Mesh | None = None,
-               batch_axis: str | tuple[str, ...] = "data", **config_overrides) -> "TextEncoder":
+               batch_axis: str | tuple[str, ...] = "data", rules=None, **config_overrides) -> "TextEncoder":
         """A randomly initialised (frozen) T5 encoder, e.g. for demos without real weights.
 
         tokenizer: a T5Tokenizer or the path of a SentencePiece model (then `max_length`
         applies). The vocabulary is the tokenizer's, rounded up to a multiple of 128 as T5
         does. `size` picks t5.SIZES (default 'tiny': d_model 64, 2 layers); any T5Config
-        field can be overridden (d_model=32, num_layers=1, ...).
+        field can be overridden (d_model=32, num_layers=1, ...). With a mesh and `rules` the
+        parameters are sharded by those logical-axis rules, else replicated.
         """
         if not isinstance(tokenizer, T5Tokenizer):
             tokenizer = T5Tokenizer(tokenizer, max_length=max_length)
@@ -159,132 +162,14 @@ class TextEncoder:
         overrides = {"vocab_size": vocab, "dtype": dtype, "param_dtype": dtype, **config_overrides}
         config = t5.T5Config.from_size(size, **overrides)
         params = t5.init_params(config, jax.random.PRNGKey(seed))
+        if mesh is not None and rules is not None:
+            params = jax.device_put(t5._unwrap(params), t5.param_shardings(config, mesh, rules))
         return cls(config, params, tokenizer, mesh=mesh, batch_axis=batch_axis)
 
 
 # --------------------------------------------------------------------------- embedding store
 
-STORE_FORMAT = "imagen_jax.text_embeddings"
-STORE_VERSION = 1
-
-
-def captions_digest(captions: Sequence[str]) -> str:
-    """sha256 of the caption list, to tell whether a partial store belongs to this input."""
-    h = hashlib.sha256()
-    for c in captions:
-        h.update(c.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def _write_atomic(path: str, write) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never a part
-
-
-class EmbeddingStore:
-    """Read access to text embeddings precomputed by `python -m imagen_jax.encode_text`.
-
-    Layout of `directory`:
-      meta.json                  run description, written first (used to resume safely)
-      shard_00000.emb.npy        uint16 [n, L, D]: the bfloat16 bit patterns of the embeddings
-      shard_00000.mask.npy       bool [n, L]; written after .emb.npy, so its presence marks
-                                 a finished shard
-      index.json                 written last: meta (count, max_length, d_model, dims, ...)
-                                 + {'shards': [...], 'captions': {caption: [shard, row]}}
-
-    `lookup(captions)` returns (embeddings bfloat16 [B, L, D], mask bool [B, L]).
-    """
-
-    META = "meta.json"
-    INDEX = "index.json"
-
-    def __init__(self, directory: str | os.PathLike):
-        self.directory = os.fspath(directory)
-        index_path = os.path.join(self.directory, self.INDEX)
-        if not os.path.isfile(index_path):
-            unfinished = os.path.isfile(os.path.join(self.directory, self.META))
-            raise FileNotFoundError(
-                f"{index_path}: no embedding index"
-                + ("; the encode_text run that writes it did not finish (rerun it to resume)"
-                   if unfinished else "; expected a directory written by imagen_jax.encode_text"))
-        with open(index_path) as f:
-            index = json.load(f)
-        if index.get("format") != STORE_FORMAT or index.get("version") != STORE_VERSION:
-            raise ValueError(f"{index_path}: not an imagen_jax text-embedding index "
-                             f"(format {index.get('format')!r} version {index.get('version')!r})")
-        self.meta = {k: v for k, v in index.items() if k != "captions"}
-        self.count = int(index["count"])
-        self.max_length = int(index["max_length"])
-        self.dim = int(index["d_model"])
-        self.shards: list[str] = list(index["shards"])
-        self._where: dict[str, tuple[int, int]] = {c: (s, r) for c, (s, r) in index["captions"].items()}
-        self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, caption: str) -> bool:
-        return caption in self._where
-
-    @property
-    def captions(self) -> list[str]:
-        return list(self._where)
-
-    @staticmethod
-    def shard_files(directory: str, shard: int) -> tuple[str, str]:
-        """(embedding file, mask file) of shard number `shard`."""
-        base = os.path.join(directory, f"shard_{shard:05d}")
-        return base + ".emb.npy", base + ".mask.npy"
-
-    @classmethod
-    def shard_done(cls, directory: str, shard: int) -> bool:
-        emb, mask = cls.shard_files(directory, shard)
-        return os.path.isfile(mask) and os.path.isfile(emb)
-
-    @classmethod
-    def write_shard(cls, directory: str, shard: int, embeddings: np.ndarray, mask: np.ndarray) -> None:
-        """Write one shard atomically. embeddings [n, L, D] (any float dtype), mask bool [n, L]."""
-        bits = np.ascontiguousarray(np.asarray(embeddings).astype(ml_dtypes.bfloat16)).view(np.uint16)
-        emb_path, mask_path = cls.shard_files(directory, shard)
-        _write_atomic(emb_path, lambda f: np.save(f, bits))
-        _write_atomic(mask_path, lambda f: np.save(f, np.asarray(mask, bool)))
-
-    @classmethod
-    def write_json(cls, path: str, obj: dict) -> None:
-        _write_atomic(path, lambda f: f.write(json.dumps(obj).encode("utf-8")))
-
-    def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        if shard not in self._open:
-            emb_path, mask_path = self.shard_files(self.directory, shard)
-            # Memory-mapped: a lookup reads only the requested rows.
-            self._open[shard] = (np.load(emb_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r"))
-        return self._open[shard]
-
-    def lookup(self, captions: Sequence[str], dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
-        """captions (B strings) -> (embeddings [B, L, D] bfloat16 or `dtype`, mask bool [B, L]).
-
-        Raises KeyError naming the captions the store does not hold.
-        """
-        if isinstance(captions, str):
-            captions = [captions]
-        missing = [c for c in captions if c not in self._where]
-        if missing:
-            raise KeyError(f"{len(missing)} caption(s) not in {self.directory}, e.g. {missing[:3]}")
-        emb = np.empty((len(captions), self.max_length, self.dim), np.uint16)
-        mask = np.empty((len(captions), self.max_length), bool)
-        by_shard: dict[int, list[tuple[int, int]]] = {}
-        for i, c in enumerate(captions):
-            s, r = self._where[c]
-            by_shard.setdefault(s, []).append((i, r))
-        for s, pairs in by_shard.items():
-            out_rows, rows = map(list, zip(*pairs))
-            shard_emb, shard_mask = self._shard(s)
-            emb[out_rows] = shard_emb[rows]
-            mask[out_rows] = shard_mask[rows]
-        emb = emb.view(ml_dtypes.bfloat16)
-        return (emb if dtype is None else emb.astype(dtype)), mask
+# The store lives in text/store.py; these names stay importable from here.
+from imagen_jax.text.store import FORMAT as STORE_FORMAT  # noqa: E402
+from imagen_jax.text.store import VERSION as STORE_VERSION  # noqa: E402
+from imagen_jax.text.store import EmbeddingStore, captions_digest  # noqa: E402,F401
