@@ -48,6 +48,96 @@ def parse_flags(argv):
         sys.exit(2)
 
 
+def configs_dir():
+    """The folder of the stage configs: the checkout's top-level configs/, or the copy an installed
+    wheel carries as the top-level package `configs` (None when neither is importable)."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("configs")
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return next((d for d in locations if os.path.isfile(os.path.join(d, "common.py"))), None)
+
+
+def config_names():
+    d = configs_dir()
+    return sorted(f[:-3] for f in os.listdir(d) if f.endswith(".py") and f not in ("__init__.py", "common.py")) \
+        if d else []
+
+
+def resolve_config(value):
+    """`--config` value -> a config file path (with its `:variant`): a file that exists is taken as
+    given; `NAME[:variant]` or `configs/NAME.py[:variant]` that is not a file here is looked up among
+    the project's configs (so an installed package finds `base64:tiny` from any directory)."""
+    path, sep, variant = str(value).partition(":")
+    if not path or os.path.exists(path):
+        return value
+    name = os.path.basename(path)
+    name = name[:-3] if name.endswith(".py") else name
+    d = configs_dir()
+    by_name = path == name or os.path.normpath(os.path.dirname(path)) == "configs"
+    if d and by_name and os.path.isfile(os.path.join(d, name + ".py")):
+        return os.path.join(d, name + ".py") + sep + variant
+    return value
+
+
+def define_config(name="config", help_string="Stage config: configs/<stage>.py[:variant] or <stage>[:variant]."):
+    """An ml_collections config-file flag whose value may also be a config name (resolve_config)."""
+    from ml_collections import config_flags
+
+    holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
+    flag = flags.FLAGS[name]
+
+    class _Parser(type(flag.parser)):
+        def parse(self, path):
+            return super().parse(resolve_config(path))
+
+    parser = _Parser.__new__(_Parser)
+    parser.__dict__.update(flag.parser.__dict__)
+    flag.parser = parser
+    # absl files the flag under this module; the tool's --help lists the flags of the tool's module.
+    caller = sys._getframe(1).f_globals.get("__name__")
+    flags.FLAGS.register_flag_by_module(sys.argv[0] if caller == "__main__" else caller, flag)
+    return holder
+
+
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+
+
+def help_text(module) -> str:
+    """A tool's --help: its module docstring (the command and what it writes), then every flag
+    the tool defines, with its default."""
+    names = {module.__name__, getattr(module, "__file__", None)}
+    if module.__name__ == "__main__" and getattr(module, "__spec__", None) is not None:
+        names.add(module.__spec__.name)
+    by_module = flags.FLAGS.flags_by_module_dict()
+    parts = [(module.__doc__ or "").strip(), "", "flags:"]
+    for key in by_module:
+        if key in names:
+            parts.append(flags.FLAGS.module_help(key).split("\n", 1)[-1])
+    parts.append("\nTry --helpfull to get a list of all flags (absl's and jax's included).")
+    return "\n".join(parts)
+
+
+def console_main(main):
+    """Runs an absl entry point (`python -m imagen_jax.X` and the console scripts `imagen-X`):
+    --help prints help_text and exits 0 (absl's exits 1 and, from a console script, lists no flags),
+    flags are parsed by parse_flags, the exit status is main's."""
+    from absl import app
+
+    module = sys.modules[main.__module__]
+    argv = sys.argv[1:]
+    argv = argv[:argv.index("--")] if "--" in argv else argv  # what follows "--" is not a flag
+    if any(a in HELP_FLAGS for a in argv):
+        print(help_text(module))
+        sys.exit(0)
+    if any(a in ("--helpfull", "-helpfull") for a in argv):
+        print(flags.FLAGS.get_help())
+        sys.exit(0)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+
+
 def config_flag(name="config"):
     """The config of an ml_collections config flag; a missing file or an unknown variant (raised when
     the flag is first read) becomes a UsageError naming it."""
@@ -64,7 +154,8 @@ def config_flag(name="config"):
         where = flags.FLAGS[name].serialize().split("=", 1)[-1]
         if any("No such file" in t or "Errno 2" in t for t in chain):
             raise UsageError(f"--{name}: config file {where.split(':')[0]!r} does not exist "
-                             "(give configs/<stage>.py[:variant])") from None
+                             "(give configs/<stage>.py[:variant] or a config name: "
+                             f"{', '.join(config_names()) or 'none found'})") from None
         raise UsageError(f"--{name} {where}: {one_line(e)}") from None
 
 

@@ -8,10 +8,9 @@ No weights can ship with the code, so the text encoder is a tiny RANDOMLY INITIA
 a SentencePiece vocabulary trained on the demo captions. Rerunning with the same workdir resumes.
 """
 import os
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 from imagen_jax import cli, conditioning, sampling, training
 from imagen_jax.data import shapes
@@ -75,5 +74,9 @@ def main(argv):
     return cli.run(_run)
 
 
+def console_main():
+    cli.console_main(main)
+
+
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
+    console_main()

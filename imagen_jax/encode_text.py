@@ -227,5 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console_main():
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -58,11 +58,19 @@ def parse_args(argv):
     p.add_argument("--sampler", default=None, help="ddpm | ddim, one for all stages or one per stage.")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta.")
     p.add_argument("--thresholding", default=None,
-                   help="none | static | dynamic, one or one per stage (default dynamic).")
-    p.add_argument("--percentile", type=float, default=99.5, help="Dynamic-thresholding percentile.")
-    p.add_argument("--aug_level", default=None, help="Noise-augmentation level per SR stage, in [0, 1] (default 0).")
+                   help="none | static | dynamic, one or one per stage (default: each stage's config).")
+    p.add_argument("--percentile", type=float, default=None,
+                   help="Dynamic-thresholding percentile, for every stage (default: each stage's config).")
+    p.add_argument("--aug_level", default=None,
+                   help="Noise-augmentation level per SR stage, in [0, 1] (default: each stage's config).")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="DeepFloyd IF stages' weights and compute (default float32); Imagen stages' compute "
+                        "(default: their config's model.dtype).")
     p.add_argument("--noise_level", default=None,
                    help="DeepFloyd IF stage II: integer noise-augmentation timestep (default 250).")
+    p.add_argument("--t5", default=None,
+                   help="T5 checkpoint that encodes captions missing from a stage's embedding store "
+                        "(text.embeddings_dir); default: the stage config's text.t5_checkpoint.")
     p.add_argument("--accept_license", action="store_true",
                    help="Acknowledge the DeepFloyd IF License (non-commercial research only); needed for IF stages.")
     p.add_argument("--batch_size", type=int, default=0,
@@ -118,7 +126,8 @@ def run(args, log=print):
     params = inception.load(args.inception, cache_path=os.path.join(cache_dir, "fid_inception.npz"))
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     stage_dirs = [d for d in args.stages.split(",") if d.strip()]
-    stages = [cascade.load_stage(d, mesh, accept_license=args.accept_license) for d in stage_dirs]
+    stages = [cascade.load_stage(d, mesh, accept_license=args.accept_license, dtype=getattr(args, "dtype", None))
+              for d in stage_dirs]
     cascade.check_chain(stages)
     settings = settings_for(stages, steps=args.steps, guidance=args.guidance, sampler=args.sampler, eta=args.eta,
                             thresholding=args.thresholding, percentile=args.percentile, aug_level=args.aug_level,
@@ -129,7 +138,7 @@ def run(args, log=print):
         log(f"CLIP score: {args.clip} on {clip.device}")
     else:
         log("CLIP score: skipped (pass --clip with a local Hugging Face CLIP directory to compute it)")
-    cond = StageConditioner(stages)  # each stage's text convention (Imagen T5X, or IF's HF T5)
+    cond = StageConditioner(stages, t5=args.t5)  # each stage's text convention (Imagen T5X, or IF's HF T5)
     samplers = [cascade.make_sampler(st, mesh, s, cond.negative) for st, s in zip(stages, settings)]
     log(f"text encoder: {cond.description}; {jax.device_count()} {jax.devices()[0].device_kind} devices")
 
@@ -182,5 +191,9 @@ def check_workdir(workdir):
                              "give a new or empty directory")
 
 
-if __name__ == "__main__":
+def console_main():
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

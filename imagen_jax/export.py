@@ -49,5 +49,9 @@ def main(argv=None):
     return cli.run(_run)
 
 
-if __name__ == "__main__":
+def console_main():
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

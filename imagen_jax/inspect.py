@@ -10,10 +10,8 @@ train step's memory and FLOPs on the local devices or on a TPU topology (libtpu 
         estimated step time and MFU, and `fits=<true|false> per_chip_bytes=<int> hbm_bytes=<int>`
 """
 import math
-import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 import flax.linen as nn
 import jax
@@ -23,7 +21,8 @@ from imagen_jax import training
 from imagen_jax.models import param_shapes
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Stage config file.", lock_config=True)
+cli.define_config("config", "Stage config: configs/<stage>.py[:variant], or its name <stage>[:variant] "
+                  "(e.g. pods:base64_v4_256).")
 flags.DEFINE_bool("compile", False, "Lower and compile the train step and report its memory.")
 flags.DEFINE_string("topology", None, "TPU accelerator type to compile for, e.g. v4-256 (needs libtpu).")
 flags.DEFINE_integer("batch_size", 0, "Global batch for --compile (default: the config's train.batch_size).")
@@ -170,5 +169,9 @@ def _main():
     print(f"per_device_bytes={int(per_dev)}" + (f" device_limit_bytes={int(limit)}" if limit else ""))
 
 
+def console_main():
+    cli.console_main(main)
+
+
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
+    console_main()

@@ -8,9 +8,8 @@ Writes OUT/images/<prompt index>_<sample index>.png at the final stage's resolut
 and OUT/settings.json with every setting and the seed (rerunning with them reproduces each image
 bit for bit on the same device type). Output goes to OUT.partial first and is renamed at the end.
 """
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from imagen_jax import cli, sampling
 
@@ -28,10 +27,18 @@ flags.DEFINE_string("steps", None, "Steps per stage, comma-separated (default: e
 flags.DEFINE_string("guidance", None, "Guidance weight per stage (default: each stage's config).")
 flags.DEFINE_string("sampler", None, "ddpm | ddim, one for all stages or one per stage.")
 flags.DEFINE_float("eta", 0.0, "DDIM eta.")
-flags.DEFINE_string("thresholding", None, "none | static | dynamic, one or one per stage (default dynamic).")
-flags.DEFINE_float("percentile", 99.5, "Dynamic-thresholding percentile (0, 100].")
-flags.DEFINE_string("aug_level", None, "Noise-augmentation level of each SR stage, in [0, 1] (default 0).")
+flags.DEFINE_string("thresholding", None, "none | static | dynamic, one or one per stage (default: each stage's "
+                    "config, sampling.thresholding).")
+flags.DEFINE_float("percentile", None, "Dynamic-thresholding percentile (0, 100], for every stage (default: each "
+                   "stage's config, sampling.percentile).")
+flags.DEFINE_string("aug_level", None, "Noise-augmentation level of each SR stage, in [0, 1] (default: each "
+                    "stage's config, sampling.aug_level).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Precision: DeepFloyd IF stages' weights and "
+                  "compute (default float32); Imagen stages' compute (default: their config's model.dtype; "
+                  "their parameters stay float32).")
 flags.DEFINE_string("noise_level", None, "DeepFloyd IF stage II: integer noise-augmentation timestep (default 250).")
+flags.DEFINE_string("t5", None, "T5 checkpoint that encodes prompts missing from a stage's embedding store "
+                    "(text.embeddings_dir); default: the stage config's text.t5_checkpoint.")
 flags.DEFINE_bool("accept_license", False, "Acknowledge the DeepFloyd IF License (non-commercial research only); "
                   "required to load IF stages (diffusers pipeline directories).")
 
@@ -50,8 +57,12 @@ def _main():
                       overwrite=FLAGS.overwrite, steps=FLAGS.steps, guidance=FLAGS.guidance,
                       sampler=FLAGS.sampler, eta=FLAGS.eta, thresholding=FLAGS.thresholding,
                       percentile=FLAGS.percentile, aug_level=FLAGS.aug_level, noise_level=FLAGS.noise_level,
-                      accept_license=FLAGS.accept_license)
+                      accept_license=FLAGS.accept_license, dtype=FLAGS.dtype, t5=FLAGS.t5)
+
+
+def console_main():
+    cli.console_main(main)
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
+    console_main()

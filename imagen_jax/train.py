@@ -5,16 +5,15 @@
 Resumes automatically from the latest checkpoint in WORKDIR; SIGTERM checkpoints and exits 0.
 See imagen_jax/training/loop.py for the loop and configs/*.py for what each stage expects.
 """
-import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from imagen_jax import cli
 from imagen_jax.training import loop
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Stage config file (configs/<stage>.py[:variant]).", lock_config=True)
+cli.define_config("config", "Stage config: configs/<stage>.py[:variant], or its name <stage>[:variant] "
+                  "(e.g. base64:tiny; an installed package carries configs/).")
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events and preview grids go here.")
 flags.DEFINE_integer("stop_after", 0, "Stop (with a checkpoint) after this many steps of this run; 0 = no.")
 
@@ -34,5 +33,9 @@ def _main():
     loop.train(config, FLAGS.workdir, stop_after=FLAGS.stop_after)
 
 
+def console_main():
+    cli.console_main(main)
+
+
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
+    console_main()
