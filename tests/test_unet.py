@@ -161,3 +161,22 @@ def test_remat_matches_plain():
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         # float32 re-association under rematerialisation; a wrong gradient is off by O(1).
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
+
+
+def test_cast_conv_kernels_is_exact_in_bf16(name="base64"):
+    # StageSampler casts conv kernels once before its loop; the convs would cast them anyway, so the
+    # output must be bit-identical, and only the 4-D leaves may change dtype.
+    from imagen_jax.models import cast_conv_kernels
+
+    cfg = UNetConfig.from_dict({**stage_config(name).model.to_dict(), "dtype": "bfloat16"})
+    model = UNet(cfg)
+    inputs = init_inputs(cfg, batch=2, text_len=6)
+    params = _perturb_params(model.init(jax.random.PRNGKey(0), **inputs)["params"])
+    rng = np.random.default_rng(0)
+    inputs = {k: (jnp.asarray(rng.normal(size=v.shape), v.dtype) if v.dtype != bool else v) for k, v in inputs.items()}
+    cast = cast_conv_kernels(cfg, params)
+    kinds = {(p.ndim, c.dtype.name) for p, c in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(cast))}
+    assert (4, "bfloat16") in kinds and all(d == "float32" for n, d in kinds if n != 4)
+    a = model.apply({"params": params}, **inputs)
+    b = model.apply({"params": cast}, **inputs)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
