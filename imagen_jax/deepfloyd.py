@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import parallel
-from imagen_jax.diffusion import discrete
+from imagen_jax.diffusion import discrete, keys
 from imagen_jax.models import deepfloyd_if
 from imagen_jax.text import hf_t5
 
@@ -246,9 +246,9 @@ class IFStageSampler:
         else:
             if rng is None:
                 raise IFError("pass rng or noise")
-            k_init, k_aug, rng = jax.random.split(rng, 3)
-            x_init = jax.random.normal(k_init, shape, jnp.float32)
-            aug = jax.random.normal(k_aug, shape, jnp.float32)
+            k_init, k_aug, rng = keys.split(jnp.asarray(rng), 3)  # one key, or one per image
+            x_init = keys.normal(k_init, shape)
+            aug = keys.normal(k_aug, shape)
         lowres = jnp.asarray(lowres, jnp.float32) if lowres is not None else jnp.zeros((), jnp.float32)
         if self.mesh is not None:
             put = lambda a: jax.device_put(a, parallel.batch_sharding(self.mesh, a.ndim))  # noqa: E731

@@ -1,0 +1,91 @@
+"""The Python pipeline: cached stages, text encoder and compiled samplers; the same images as the
+sample CLI's library form."""
+import numpy as np
+import pytest
+from jax import monitoring
+from PIL import Image
+
+import imagen_jax
+from imagen_jax import cascade, sampling
+from stage_utils import make_workdir, shapes_vocab
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+    """Counts XLA compilations (jax's backend-compile events) while active."""
+
+    def __init__(self):
+        self.count, self.active = 0, False
+        monitoring.register_event_duration_secs_listener(self._on)
+
+    def _on(self, event, duration, **kwargs):
+        if self.active and event == BACKEND_COMPILE:
+            self.count += 1
+
+    def __enter__(self):
+        self.count, self.active = 0, True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+
+
+@pytest.fixture(scope="module")
+def counter():
+    return CompileCounter()
+
+
+@pytest.fixture(scope="module")
+def stage_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    vocab = shapes_vocab(root)
+    for i, s in enumerate(("base64", "sr256")):  # tiny: 16 -> 64
+        make_workdir(root / s, s, vocab=vocab, seed=i)
+    return [str(root / "base64"), str(root / "sr256")]
+
+
+PROMPTS = ["a red circle", "a large blue square on the left"]
+
+
+def test_second_call_does_not_recompile(stage_dirs, counter, tmp_path):
+    pipe = imagen_jax.Pipeline.load(stage_dirs)
+    kw = dict(num_images=2, seed=3, steps=(3, 2), guidance=(3.0, 2.0), sampler="ddim")
+    with counter as first:
+        a = pipe(PROMPTS, **kw)
+    assert first.count > 0  # the counter sees compilations at all
+    assert a.shape == (4, 64, 64, 3) and a.dtype == np.uint8 and a.std() > 1.0
+    with counter as second:
+        b = pipe(PROMPTS, **kw)
+    assert second.count == 0, f"the second call compiled {second.count} programs"
+    np.testing.assert_array_equal(a, b)
+    # Guidance is traced: a sweep reuses the programs, and the images change.
+    with counter as sweep:
+        c = pipe(PROMPTS, **dict(kw, guidance=(5.0, 2.0)))
+    assert sweep.count == 0 and not np.array_equal(a, c)
+    both = pipe(PROMPTS, **kw, return_all=True)
+    assert [x.shape for x in both] == [(4, 16, 16, 3), (4, 64, 64, 3)]
+    np.testing.assert_array_equal(both[-1], a)
+    pil = pipe.to_pil(a)
+    assert len(pil) == 4 and pil[3].size == (64, 64) and np.array_equal(np.asarray(pil[3]), a[3])
+    # The sample CLI's library form is this pipeline plus files: the same images, and (given the
+    # loaded pipeline) no compilation either.
+    with counter as files:
+        g = sampling.generate(None, PROMPTS, str(tmp_path / "o"), steps="3,2", guidance="3,2", sampler="ddim",
+                              num_images=2, seed=3, log=lambda *a: None, pipeline=pipe)
+    assert files.count == 0
+    np.testing.assert_array_equal(g, a)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / "images" / "0001_01.png")), a[3])
+
+
+def test_bad_requests(stage_dirs):
+    with pytest.raises(cascade.CascadeError, match="no stage directories"):
+        imagen_jax.Pipeline.load([])
+    pipe = imagen_jax.Pipeline.load(stage_dirs[:1])
+    with pytest.raises(cascade.CascadeError, match="prompts"):
+        pipe([])
+    with pytest.raises(cascade.CascadeError, match="num_images"):
+        pipe("a red circle", num_images=0)
+    with pytest.raises(ValueError, match="--steps has 2 values"):
+        pipe("a red circle", steps=(2, 2))
+    assert pipe._cond is None  # refused before the text encoder was loaded
