@@ -1,0 +1,71 @@
+"""The demo's scorer (imagen_jax/evaluation/shapes_score.py) on the renderer's own images: a render of
+its caption scores 1 on every attribute; a render that changes one attribute scores 0 on that one only."""
+import numpy as np
+import pytest
+
+from imagen_jax.data import shapes
+from imagen_jax.evaluation import shapes_score as ss
+
+SIZE = 32
+
+
+def _items(n=12):
+    ds = shapes.ShapesDataset(seed=0, size=SIZE)
+    return [ds.held_out_item(i) for i in range(n)]
+
+
+def _changed(attrs, key):
+    """The same example with attribute `key` set to a different value."""
+    a = dict(attrs)
+    if key == "color":
+        a["color"] = next(c for c in shapes.COLORS if c != attrs["color"])
+    elif key == "background":
+        a["background"] = next(b for b in shapes.BACKGROUNDS if b != attrs["background"])
+    elif key == "position":
+        a["position"] = "left" if attrs["position"] != "left" else "right"
+        jx, jy = (attrs["center"][i] - shapes.POSITIONS[attrs["position"]][i] for i in (0, 1))
+        cx, cy = shapes.POSITIONS[a["position"]]
+        a["center"] = (cx + jx, cy + jy)
+    elif key == "shape":
+        a["shape"] = {"circle": "triangle", "square": "star", "triangle": "circle", "star": "square",
+                      "diamond": "hexagon", "hexagon": "diamond"}[attrs["shape"]]
+    return a
+
+
+def test_parse_caption():
+    got = ss.parse_caption("a small orange square on the left, on a black background")
+    assert got == dict(color="orange", background="black", position="left", shape="square", size="small")
+    assert ss.parse_caption("a red circle") == dict(color="red", shape="circle")
+    assert ss.parse_caption("a large blue star on gray")["background"] == "gray"
+
+
+def test_true_renders_score_one():
+    items = _items()
+    s = ss.score([x[0] for x in items], [x[1] for x in items])
+    assert s.right == {a: 1.0 for a in ss.ATTRIBUTES}, s.per_image
+    assert s.all_right == 1.0
+    assert s.counts == {a: len(items) for a in ss.ATTRIBUTES}
+    assert len(s.lines()) == 5 and "chance 14%" in s.lines()[0]
+
+
+@pytest.mark.parametrize("key", ss.ATTRIBUTES)
+def test_one_wrong_attribute_scores_zero_on_it_only(key):
+    items = _items()
+    images = [shapes.render(_changed(attrs, key), SIZE) for _, _, attrs in items]
+    s = ss.score(images, [caption for _, caption, _ in items])
+    assert s.right[key] == 0.0, s.per_image
+    assert all(s.right[a] == 1.0 for a in ss.ATTRIBUTES if a != key), s.per_image
+    assert s.all_right == 0.0
+
+
+def test_blank_and_mismatched_inputs():
+    blank = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    got = ss.read_image(blank)
+    assert got == dict(color=None, background="white", position=None, shape=None)
+    with pytest.raises(ValueError, match="2 captions"):
+        ss.score([blank], ["a red circle", "a blue star"])
+    with pytest.raises(ValueError, match="uint8"):
+        ss.read_image(blank.astype(np.float32))
+    s = ss.score([blank], ["a red circle"])     # names no position or background: those are left out
+    assert s.counts == dict(color=1, background=0, position=0, shape=1)
+    assert s.right["color"] == 0.0 and s.right["shape"] == 0.0 and np.isnan(s.right["position"])
