@@ -54,23 +54,47 @@ def param_shardings(config, mesh):
     return nn.meta.unbox(boxed), parallel.logical_shardings(boxed, mesh, config.mesh.rules)
 
 
-def load_stage(path, mesh, *, step=None, which="ema_params", accept_license=False, dtype="float32"):
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _with_compute_dtype(config, dtype):
+    if dtype is not None:
+        config = config.copy_and_resolve_references()
+        config.model.dtype = dtype
+    return config
+
+
+def load_stage(path, mesh, *, step=None, which="ema_params", accept_license=False, dtype=None):
     """A stage from a training workdir (latest or given checkpoint, EMA params by default), from
     an exported bundle (a directory with info.json), or a DeepFloyd IF stage from a diffusers
-    pipeline directory (model_index.json; needs accept_license=True, see imagen_jax.deepfloyd)."""
+    pipeline directory (model_index.json; needs accept_license=True, see imagen_jax.deepfloyd).
+
+    dtype (None | one of DTYPES): an IF stage's weights and compute (None: float32, as diffusers
+    loads); an Imagen stage's compute dtype in place of its config's model.dtype (None: the config's;
+    its parameters stay float32, as they were trained)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise CascadeError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if not os.path.isdir(path):
         raise CascadeError(f"stage directory {path} does not exist")
     from imagen_jax import deepfloyd
     if deepfloyd.is_if_stage(path):
-        return deepfloyd.IFStage.load(path, dtype=dtype, accept_license=accept_license, mesh=mesh)
+        return deepfloyd.IFStage.load(path, dtype=dtype or "float32", accept_license=accept_license, mesh=mesh)
     if os.path.exists(os.path.join(path, "info.json")):
         from imagen_jax import bundle
         config, params, info = bundle.load(path, mesh=mesh)
-        return Stage(config=config, params=params, source=path, step=int(info.get("step", -1)))
-    config = checkpoints.load_config(path)
+        return Stage(config=_with_compute_dtype(config, dtype), params=params, source=path,
+                     step=int(info.get("step", -1)))
+    config = _with_compute_dtype(checkpoints.load_config(path), dtype)
     abstract, shardings = param_shardings(config, mesh)
     params, step = checkpoints.restore_params(path, abstract, shardings, step=step, which=which)
     return Stage(config=config, params=params, source=path, step=step)
+
+
+def stage_dtype(stage) -> str:
+    """What a stage computes in: an IF stage's weight dtype, an Imagen stage's model.dtype."""
+    if getattr(stage, "family", "imagen") == "deepfloyd_if":
+        return str(jax.tree_util.tree_leaves(stage.params)[0].dtype)
+    return str(stage.config.model.get("dtype", "float32"))
 
 
 def check_chain(stages):
@@ -251,5 +275,5 @@ def grid(images, cols=None):
     return sheet
 
 
-__all__ = ["CascadeError", "Stage", "StageSampler", "StageSettings", "check_chain", "grid", "load_stage", "make_sampler",
-           "run_cascade", "to_uint8"]
+__all__ = ["DTYPES", "CascadeError", "Stage", "StageSampler", "StageSettings", "check_chain", "grid", "load_stage",
+           "make_sampler", "run_cascade", "stage_dtype", "to_uint8"]

@@ -200,19 +200,25 @@ class IFStageSampler:
         st, s = self.stage, self.settings
         b = emb.shape[0]
         text2 = jnp.concatenate([jnp.broadcast_to(self.negative, emb.shape).astype(emb.dtype), emb], 0)
-        extra, labels = None, None
+        up, level = None, None
         if st.is_sr:
             up = upscale_align_corners(lowres, st.image_size)
-            up = discrete.add_noise(st.noising, up, aug_noise, jnp.full((b,), noise_level, jnp.int32))
-            extra = jnp.concatenate([up, up], 0)
-            labels = jnp.full((2 * b,), noise_level, jnp.int32)
+            level = jnp.full((b,), noise_level, jnp.int32)
+            up = discrete.add_noise(st.noising, up, aug_noise, level)
 
-        def model_fn(x, t):
-            if extra is not None:
-                x = jnp.concatenate([x, extra], -1)  # [x ; noised low-res] on channels, as diffusers
-            return st.module.apply({"params": params}, x, t, text2, noise_level=labels)
+        def run(x, t, text, copies):
+            if up is not None:  # [x ; noised low-res] on channels, as diffusers
+                x = jnp.concatenate([x, jnp.concatenate([up] * copies, 0)], -1)
+            labels = None if level is None else jnp.concatenate([level] * copies, 0)
+            return st.module.apply({"params": params}, x, t, text, noise_level=labels)
 
-        denoise = discrete.guided_split(model_fn, guidance, x_init.shape[-1])
+        def model_fn(x, t):  # [negative; prompt] in one batch of 2B
+            return run(x, t, text2, 2)
+
+        def cond_fn(x, t):  # the prompt half alone: guidance 1 skips the negative pass (diffusers: no CFG)
+            return run(x, t, emb, 1)
+
+        denoise = discrete.guided_split(model_fn, guidance, x_init.shape[-1], cond_fn)
         return discrete.sample_loop(denoise, x_init, st.schedule, num_steps=s.steps, sampler=s.sampler, eta=s.eta,
                                     rng=rng, step_noise=step_noise)
 

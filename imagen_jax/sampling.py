@@ -165,15 +165,16 @@ def check_memory(stages, n):
 class StageConditioner:
     """Prompts -> one (embeddings, mask) per stage, each by its family's convention (Imagen: the
     first Imagen stage's conditioning; IF: its T5 with HF semantics, 77 tokens). Encoders are
-    loaded once; `negative` is IF's unconditional embedding T5("") [1, 77, D] (None without IF)."""
+    loaded once; `negative` is IF's unconditional embedding T5("") [1, 77, D] (None without IF).
+    `t5` (a --t5 flag) encodes the prompts an Imagen stage's embedding store lacks."""
 
-    def __init__(self, stages):
+    def __init__(self, stages, t5=None):
         self.stages = list(stages)
         imagen = [s for s in stages if not _is_if(s)]
         ifs = [s for s in stages if _is_if(s)]
         desc, self.negative, self._cond, self._enc = [], None, None, None
         if imagen:
-            self._cond = conditioning.build(imagen[0].config, workdir=imagen[0].source, mesh=None)
+            self._cond = conditioning.build(imagen[0].config, workdir=imagen[0].source, mesh=None, t5=t5)
             desc.append(self._cond.description)
         if ifs:
             from imagen_jax import deepfloyd
@@ -201,8 +202,9 @@ class StageConditioner:
 
 
 def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, overwrite=False, log=print,
-             accept_license=False, **setting_flags):
-    """Library form of the CLI: returns the final stage's uint8 images [N, S, S, 3]."""
+             accept_license=False, t5=None, **setting_flags):
+    """Library form of the CLI: returns the final stage's uint8 images [N, S, S, 3]. `t5`: the T5 (checkpoint
+    path) that encodes prompts missing from a stage's embedding store (default: text.t5_checkpoint)."""
     from PIL import Image
 
     if batch_size < 0:
@@ -214,7 +216,7 @@ def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, ov
     settings = settings_for(stages, **setting_flags)
     check_memory(stages, len(prompts) * num_images)
     expanded = [p for p in prompts for _ in range(num_images)]
-    cond = StageConditioner(stages)
+    cond = StageConditioner(stages, t5=t5)
     text_desc = cond.description
     log(f"text encoder: {text_desc}")
     texts, masks = cond(expanded)

@@ -52,3 +52,18 @@ def shapes_vocab(tmp_path):
 
 def random_batch(shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def make_store(root, vocab, captions, max_length=16):
+    """A tiny random T5 (d_model 64, the tiny stages' text_dim) saved as safetensors, and an embedding
+    store of `captions` written with it: {'t5', 'store', 'enc'}."""
+    from imagen_jax import encode_text
+    from imagen_jax.text import checkpoints as t5_checkpoints
+    from imagen_jax.text.encoder import TextEncoder
+
+    enc = TextEncoder.random(vocab, max_length=max_length)
+    t5_path = t5_checkpoints.save_safetensors(jax.device_get(enc.params), str(root / "t5.safetensors"))[0]
+    enc = TextEncoder.from_checkpoint(t5_path, vocab, max_length=max_length)
+    store = str(root / "store")
+    encode_text.encode_captions(enc, list(captions), store, batch_size=8, shard_size=8, progress=False)
+    return {"t5": t5_path, "store": store, "enc": enc}

@@ -381,3 +381,83 @@ def test_sample_cli_without_licence_exits_with_one_line(pipelines, tmp_path):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "DeepFloyd IF License" in lines[0] and "--accept_license" in lines[0], r.stderr[-800:]
     assert not out.exists()
+
+
+def test_guidance_one_runs_only_the_prompt_half_and_matches_diffusers(pipelines, pipe):
+    # Issue 12/16: at weight 1 diffusers runs no guidance (one U-Net pass per step); so do we.
+    import dataclasses
+
+    from imagen_jax import deepfloyd
+
+    ref, noise = run_diffusers(pipelines, (2, 2), (1.0, 1.0))
+    seen = []
+
+    class Counting:  # the stage's U-Net, recording the batch of every call that actually runs
+        def __init__(self, module):
+            self.module, self.config = module, module.config
+
+        def apply(self, variables, x, *args, **kwargs):
+            jax.debug.callback(lambda v: seen.append(v.shape[0]), x)
+            return self.module.apply(variables, x, *args, **kwargs)
+
+    emb, neg = pipe.encode(PROMPTS)
+    # Stage II on diffusers' stage I output: the conditional-half path with the low-res input and the
+    # class labels (stage I's differs only in having neither); one sampler compile.
+    st = pipe.stages[1]
+    sampler = deepfloyd.IFStageSampler(dataclasses.replace(st, module=Counting(st.module)),
+                                       deepfloyd.IFSettings(steps=2, guidance=1.0), neg[:1])
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(sampler(emb, None, ref[0], noise=noise[1]))
+        jax.effects_barrier()
+        assert seen == [len(PROMPTS)] * 2  # one call per step, never the [negative; prompt] batch
+        seen.clear()
+        sampler(emb, None, ref[0], noise=noise[1], guidance=2.0).block_until_ready()  # the same program
+        jax.effects_barrier()
+        assert seen == [2 * len(PROMPTS)] * 2
+    assert float(np.abs(ours - ref[1]).max()) < 1e-3  # the bound of the guided stage II replay above
+
+
+def test_tokenizer_json_without_spiece_model(pipelines, tmp_path, monkeypatch):
+    # transformers >= 5 saves tokenizer/ as tokenizer.json alone; it is read through `tokenizers`.
+    import sys
+
+    from imagen_jax.text.tokenizer import T5Tokenizer
+
+    d = tmp_path / "IF-I"
+    shutil.copytree(pipelines["I"], d)
+    os.remove(d / "tokenizer" / "spiece.model")
+    assert (d / "tokenizer" / "tokenizer.json").is_file()
+    enc = hf_t5.load_encoder(str(d))
+    assert isinstance(enc.tokenizer, hf_t5.JsonT5Tokenizer)
+    sp = T5Tokenizer(os.path.join(pipelines["I"], "tokenizer", "spiece.model"), max_length=hf_t5.MAX_LENGTH)
+    prompts = [hf_t5.clean_prompt(p) for p in PROMPTS] + ["", "zebra 123 ünïcode!", "x " * 100]
+    for a, b in zip(enc.tokenizer.tokenize(prompts), sp.tokenize(prompts)):
+        np.testing.assert_array_equal(a, b)
+    assert enc.tokenizer.last_num_truncated == 1
+    ref_pos, ref_neg = pipelines["torch_I"].encode_prompt(PROMPTS, do_classifier_free_guidance=True,
+                                                          clean_caption=False)
+    pos, neg = hf_t5.encode_with_negative(enc, PROMPTS)
+    np.testing.assert_allclose(pos, ref_pos.detach().numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(neg, ref_neg.detach().numpy(), atol=1e-5, rtol=0)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # not installed
+    with pytest.raises(hf_t5.TextLayoutError, match=r"spiece.model: missing; .*tokenizer.json is there.*tokenizers"):
+        hf_t5.text_paths(str(d))
+    monkeypatch.undo()
+    os.remove(d / "tokenizer" / "tokenizer.json")
+    with pytest.raises(hf_t5.TextLayoutError, match=r"spiece.model: missing, and no .*tokenizer.json either"):
+        hf_t5.text_paths(str(d))
+
+
+def test_dtype_reaches_if_stages_and_their_t5(pipelines):
+    dtype = "float16"  # bfloat16 takes the same path
+    from imagen_jax import cascade, parallel, sampling
+
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    stages = [cascade.load_stage(pipelines[k], mesh, accept_license=True, dtype=dtype) for k in ("I", "II")]
+    assert {str(x.dtype) for st in stages for x in jax.tree_util.tree_leaves(st.params)} == {dtype}
+    assert [cascade.stage_dtype(st) for st in stages] == [dtype] * 2
+    cond = sampling.StageConditioner(stages)
+    # T5 in float16 overflows (HF keeps `wo` in float32), so reduced precision reads it in bfloat16.
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(cond._enc.params)} == {"bfloat16"}
+    with pytest.raises(cascade.CascadeError, match="dtype must be one of"):
+        cascade.load_stage(pipelines["I"], mesh, accept_license=True, dtype="int8")

@@ -51,8 +51,21 @@ def test_three_stage_cascade_writes_pngs_and_json_deterministically(stage_dirs, 
 
 
 def test_base_stage_only_outputs_base_resolution(stage_dirs, tmp_path):
-    out = sampling.generate([stage_dirs["base64"]], ["a green triangle"], str(tmp_path / "o"), steps="3")
+    # Also: the config's sampling block supplies the defaults (issue 16 item 8), --dtype reaches the stage.
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(stage_dirs["base64"], base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["sampling"].update(thresholding="static", percentile=97.0)
+    cfg["model"]["dtype"] = "bfloat16"  # --dtype overrides it (float32 keeps this test's compile cheap)
+    (base / "config.json").write_text(json.dumps(cfg))
+    out = sampling.generate([str(base)], ["a green triangle"], str(tmp_path / "o"), steps="3", dtype="float32")
     assert out.shape == (1, 16, 16, 3)
+    rec = json.load(open(tmp_path / "o" / "settings.json"))["stages"][0]
+    assert (rec["thresholding"], rec["percentile"], rec["steps"], rec["dtype"]) == ("static", 97.0, 3, "float32")
+    with pytest.raises(sampling.UsageError, match="--dtype 'int8'"):
+        sampling.generate([str(base)], ["a red circle"], str(tmp_path / "p"), dtype="int8")
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("case,message", [
@@ -100,3 +113,41 @@ def test_cli_empty_prompts_and_wrong_stage_exit_nonzero(stage_dirs, tmp_path):
 def test_check_chain_rejects_empty():
     with pytest.raises(cascade.CascadeError, match="no stages"):
         cascade.check_chain([])
+
+
+def _stage(name, **sampling):
+    from stage_utils import tiny_config
+    c = tiny_config(name)
+    c.sampling.update(sampling)
+    return cascade.Stage(config=c, params=None, source=name, step=0)
+
+
+def test_settings_come_from_each_stage_config_and_flags_override_them():
+    # Issue 16 item 8: sampling.aug_level was never read, thresholding/percentile were fixed defaults.
+    stages = [_stage("base64", thresholding="static", percentile=98.0),
+              _stage("sr256", thresholding="none", percentile=97.0, aug_level=0.2),
+              _stage("sr1024", aug_level=0.3)]
+    got = sampling.settings_for(stages)
+    assert [s.thresholding for s in got] == ["static", "none", "dynamic"]
+    assert [s.percentile for s in got] == [98.0, 97.0, 99.5]
+    assert [s.aug_level for s in got] == [0.0, 0.2, 0.3]
+    assert [s.steps for s in got] == [int(st.config.sampling.steps) for st in stages]
+    got = sampling.settings_for(stages, thresholding="dynamic", percentile=99.9, aug_level="0.1,0")
+    assert [(s.thresholding, s.percentile, s.aug_level) for s in got] == [
+        ("dynamic", 99.9, 0.0), ("dynamic", 99.9, 0.1), ("dynamic", 99.9, 0.0)]
+    # A config written before these fields existed samples as before.
+    old = _stage("sr256")
+    for key in ("thresholding", "percentile", "aug_level"):
+        del old.config.sampling[key]
+    s = sampling.settings_for([stages[0], old])[1]
+    assert (s.thresholding, s.percentile, s.aug_level) == ("dynamic", 99.5, 0.0)
+
+
+def test_cli_and_fid_flags_default_to_the_stage_config():
+    from imagen_jax import evaluate_fid
+    from imagen_jax import sample  # noqa: F401  (defines the flags)
+    from absl import flags
+    for name in ("steps", "guidance", "sampler", "thresholding", "percentile", "aug_level", "dtype"):
+        assert flags.FLAGS[name].default is None, name
+    args = evaluate_fid.parse_args(["--stages=a", "--inception=i", "--coco=c", "--workdir=w"])
+    assert (args.thresholding, args.percentile, args.aug_level, args.dtype) == (None, None, None, None)

@@ -12,7 +12,7 @@ import pytest
 from imagen_jax import checkpoints, parallel, training
 from imagen_jax.training import loop as train_lib
 from imagen_jax.data import pipeline
-from stage_utils import random_batch, shapes_vocab, tiny_config
+from stage_utils import make_store, random_batch, shapes_vocab, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,9 +42,14 @@ def params_of(workdir, which="params"):
 @pytest.mark.parametrize("stage", ["base64", "sr256", "sr1024"])
 def test_each_tiny_stage_trains(tmp_path, vocab, stage):
     # Preview grids from the EMA params at step 3 (crop-trained SR1024 previews are skipped).
-    metrics, state = train_lib.train(cfg(stage, vocab, **{"train.num_steps": 3, "train.sample_every": 3,
-                                                          "sampling.steps": 2, "train.peak_flops": 1e12}),
-                                     str(tmp_path))
+    c = cfg(stage, vocab, **{"train.num_steps": 3, "train.sample_every": 3, "sampling.steps": 2,
+                             "train.peak_flops": 1e12})
+    if stage == "base64":  # trains on an embedding store (issue 14), its T5 named for new prompts
+        from imagen_jax.data import shapes
+        captions = [shapes.ShapesDataset(seed=0, size=c.data.image_size)[i][1] for i in range(24)]
+        stored = make_store(tmp_path_factory_root(tmp_path), vocab, captions)
+        c.text.update(embeddings_dir=stored["store"], t5_checkpoint=stored["t5"])
+    metrics, state = train_lib.train(c, str(tmp_path))
     # MFU = model FLOPs (3x forward) per device x steps/s / the configured peak.
     assert 0 < metrics["mfu"] < 1
     assert int(state.step) == 3
@@ -56,6 +61,24 @@ def test_each_tiny_stage_trains(tmp_path, vocab, stage):
         from PIL import Image
         grid = Image.open(tmp_path / "samples" / "step_00000003.png")
         assert grid.size[0] >= c_size(stage) and np.asarray(grid).std() > 0
+    if stage == "base64":
+        # The trained stage samples a prompt its store lacks: the config's T5 encodes it, stored ones are read.
+        from imagen_jax import cascade, sampling
+        from imagen_jax.text.store import EmbeddingStore
+        cond = sampling.StageConditioner([cascade.load_stage(str(tmp_path), parallel.make_mesh({"data": -1}))])
+        new = "a huge purple star above a lake"
+        assert new not in EmbeddingStore(stored["store"]) and "encoded by T5" in cond.description
+        (emb,), (mask,) = cond([captions[3], new])
+        np.testing.assert_array_equal(np.asarray(emb[0]), EmbeddingStore(stored["store"]).lookup([captions[3]])[0][0])
+        ref, ref_mask = stored["enc"].encode([new])
+        np.testing.assert_array_equal(np.asarray(emb[1]), np.asarray(ref[0]).astype(emb.dtype))
+        np.testing.assert_array_equal(np.asarray(mask[1]), np.asarray(ref_mask[0]))
+
+
+def tmp_path_factory_root(tmp_path):
+    root = tmp_path.parent / (tmp_path.name + "_text")
+    root.mkdir()
+    return root
 
 
 def c_size(stage):

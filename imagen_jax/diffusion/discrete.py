@@ -292,16 +292,27 @@ def expand_step_noise(schedule: DiscreteSchedule, num_steps, noises, *, sampler=
     return out
 
 
-def guided_split(model_fn, guidance_scale, channels):
+def guided_split(model_fn, guidance_scale, channels, cond_fn=None):
     """IF's classifier-free guidance. `model_fn(x [2B], t [2B]) -> out [2B, ..., K]` whose first half
     is unconditional and second half conditional (diffusers' order) -> `denoise_fn(x [B], t [B])`.
     Guidance acts on the first `channels` outputs (eps); the rest (learned variance) are the
-    conditional branch's. `guidance_scale` may be traced."""
+    conditional branch's. `guidance_scale` may be traced.
 
-    def denoise_fn(x, t):
+    With `cond_fn(x [B], t [B])` (the conditional half alone), a weight of exactly 1, where the
+    guided output is the conditional one, runs only that half (a `lax.cond` on the traced weight:
+    one compiled program, half the U-Net work at w = 1)."""
+
+    def both(x, t):
         out = model_fn(jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0)).astype(jnp.float32)
         unc, cond = jnp.split(out, 2, axis=0)
         eps = unc[..., :channels] + guidance_scale * (cond[..., :channels] - unc[..., :channels])
         return jnp.concatenate([eps, cond[..., channels:]], axis=-1)
+
+    if cond_fn is None:
+        return both
+
+    def denoise_fn(x, t):
+        return jax.lax.cond(jnp.asarray(guidance_scale) == 1.0,
+                            lambda: cond_fn(x, t).astype(jnp.float32), lambda: both(x, t))
 
     return denoise_fn

@@ -135,7 +135,9 @@ class TextEncoder:
         With a mesh and `rules` (logical axis rules, see t5.DEFAULT_RULES), parameters are
         read straight into their shards; with a mesh and no rules they are replicated.
         """
-        tokenizer = T5Tokenizer(vocab_path, max_length=max_length)
+        # A tokenizer object (e.g. hf_t5.JsonT5Tokenizer) is used as given.
+        tokenizer = (vocab_path if isinstance(vocab_path, T5Tokenizer)
+                     else T5Tokenizer(vocab_path, max_length=max_length))
         shardings = None
         if mesh is not None:
             shardings = (t5.sharding_fn(mesh, rules) if rules is not None

@@ -131,7 +131,8 @@ def preview(trainer, state, cond, config, host, workdir, step, writer=None):
     settings = cascade.StageSettings(sampler=config.sampling.sampler, steps=int(config.sampling.steps),
                                      guidance=float(config.sampling.guidance),
                                      thresholding=config.sampling.thresholding,
-                                     percentile=float(config.sampling.percentile))
+                                     percentile=float(config.sampling.percentile),
+                                     aug_level=float(config.sampling.get("aug_level", 0.0)) if stage.is_sr else 0.0)
     dp = parallel.data_parallel_size(trainer.mesh)
     text, pad = cascade.pad_batch(np.asarray(text), dp)
     mask, _ = cascade.pad_batch(np.asarray(mask), dp)
