@@ -120,6 +120,29 @@ def help_text(module) -> str:
     return "\n".join(parts)
 
 
+def parse_own_flags(flag_values, argv, module_doc):
+    """Parses argv (flags only, no program name) into a tool's own absl FlagValues, so that its
+    main(argv) can be called again in one process (tests, notebooks) and next to other tools whose
+    flags share names. --help prints module_doc and the flags, SystemExit(0); a bad, missing or
+    unknown flag prints one line, SystemExit(2)."""
+    argv = list(argv)
+    head = argv[:argv.index("--")] if "--" in argv else argv
+    if any(a in HELP_FLAGS + ("--helpfull", "-helpfull") for a in head):
+        print("\n".join([(module_doc or "").strip(), "", "flags:",
+                         flag_values.get_help(include_special_flags=False).split("\n", 1)[-1]]))
+        raise SystemExit(0)
+    flag_values.unparse_flags()
+    try:
+        rest = flag_values(["prog"] + argv)
+    except (flags.Error, ValueError, TypeError) as e:
+        print(f"error: bad command-line flag: {one_line(e)} (see --help)", file=sys.stderr)
+        raise SystemExit(2) from None
+    if len(rest) > 1:
+        print(f"error: unexpected argument {rest[1]!r}: every input is a --flag (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+    return flag_values
+
+
 def console_main(main):
     """Runs an absl entry point (`python -m imagen_jax.X` and the console scripts `imagen-X`):
     --help prints help_text and exits 0 (absl's exits 1 and, from a console script, lists no flags),

@@ -9,33 +9,34 @@ The bundle samples without its workdir: `python -m imagen_jax.sample --stages BU
 Multi-host: run the same command on every host (as training does); the output path must be on a
 file system that every host sees.
 """
-import argparse
 import sys
+
+from absl import flags
 
 from imagen_jax import bundle, cli
 
-
-def parse_args(argv):
-    p = cli.ArgumentParser(prog="python -m imagen_jax.export", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True, help="Training workdir (config.json + checkpoints/).")
-    p.add_argument("--out", required=True, help="Bundle directory to create.")
-    p.add_argument("--step", type=int, default=None, help="Checkpoint step (default: the latest).")
-    p.add_argument("--params", choices=sorted(bundle.PARAM_KINDS), default="ema",
-                   help="EMA parameters (default) or the raw training parameters.")
-    p.add_argument("--dtype", choices=sorted(bundle.DTYPES), default="bfloat16",
-                   help="Stored parameter dtype (default bfloat16: half the size).")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing bundle at --out.")
-    p.add_argument("--max_shard_bytes", type=int, default=bundle.DEFAULT_MAX_SHARD_BYTES,
-                   help="Largest safetensors file (bytes of tensor data) before splitting into shards.")
-    p.add_argument("--quiet", action="store_true", help="No progress bar.")
-    return p.parse_args(argv)
+# The tool's own FlagValues: main(argv) may run more than once in a process, beside other tools.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/) to export from.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Bundle directory to create (must not exist unless --overwrite).", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).", lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_enum("params", "ema", sorted(bundle.PARAM_KINDS), "EMA parameters (default) or the raw training "
+                  "parameters.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "bfloat16", sorted(bundle.DTYPES), "Stored parameter dtype (bfloat16: half the size "
+                  "of float32).", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace an existing bundle at --out (only a bundle).", flag_values=FLAGS)
+flags.DEFINE_integer("max_shard_bytes", bundle.DEFAULT_MAX_SHARD_BYTES, "Largest safetensors file (bytes of "
+                     "tensor data) before the parameters are split into shards.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_bool("quiet", False, "No progress bar.", flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir", "out"], flag_values=FLAGS)
 
 
 def main(argv=None):
-    """Returns the exit status: 0, 1 on a bad workdir / step / output / bundle, 2 on bad flags."""
+    """argv: the flags (default sys.argv[1:]). Returns the exit status: 0, 1 on a bad workdir /
+    step / output / bundle, 2 on bad flags."""
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-    except SystemExit as e:  # argparse has printed its usage message
+        args = cli.parse_own_flags(FLAGS, sys.argv[1:] if argv is None else argv, __doc__)
+    except SystemExit as e:
         return int(e.code or 0)
     from imagen_jax import parallel
 
