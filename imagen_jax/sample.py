@@ -22,7 +22,8 @@ flags.DEFINE_string("out", None, "Output directory (must not exist unless --over
 flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
 flags.DEFINE_integer("num_images", 1, "Images per prompt.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("batch_size", 0, "Images per device batch (0: up to 64).")
+flags.DEFINE_integer("batch_size", 0, "Images per sampling batch, over all devices (rounded up to a multiple of the "
+                     "data-parallel device count; 0: up to 64).")
 flags.DEFINE_string("steps", None, "Steps per stage, comma-separated (default: each stage's config).")
 flags.DEFINE_string("guidance", None, "Guidance weight per stage (default: each stage's config).")
 flags.DEFINE_string("sampler", None, "ddpm | ddim, one for all stages or one per stage.")
