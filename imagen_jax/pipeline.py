@@ -60,16 +60,14 @@ class Pipeline:
         dtype: None | float32 | bfloat16 | float16 (see cascade.load_stage). t5: a T5 checkpoint
         for prompts missing from a stage's embedding store. mesh: default, data-parallel over
         every device."""
-        from imagen_jax import sampling
-
         if isinstance(stage_dirs, str):
             stage_dirs = [d for d in stage_dirs.split(",") if d.strip()]
         stage_dirs = list(stage_dirs)
         if not stage_dirs:
             raise cascade.CascadeError("no stage directories given: pass them base first")
-        sampling.check_dtype(dtype)
         mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-        stages = [cascade.load_stage(d, mesh, accept_license=accept_license, dtype=dtype) for d in stage_dirs]
+        kw = {} if dtype is None else {"dtype": dtype}  # load_stage names a bad dtype
+        stages = [cascade.load_stage(d, mesh, accept_license=accept_license, **kw) for d in stage_dirs]
         return cls(stages, mesh, t5=t5)
 
     @property
