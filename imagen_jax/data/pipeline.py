@@ -25,15 +25,20 @@ Sources (data.source):
               `tfds.split_for_jax_process` share, shuffled with fixed seeds.
 * "tfrecord": local or gs:// TFRecord files (data.files glob) of tf.train.Example with 'image'
               (encoded bytes) and 'caption' (one or more byte strings), optionally 'embedding'
-              (float, flattened [L * D]) and 'mask' (int, [L]); see `write_tfrecords`. Hosts take
-              every process_count-th file, or every process_count-th record when there are fewer
-              files than hosts.
-For tfds and tfrecord the stream of each host is a pure function of (seed, process_index,
-process_count); the random choices of an example are seeded by its position in that stream.
-Resuming at start_step skips start_step * b records before decoding: exact, but O(steps) reads.
+              (float, flattened [L * D]) and 'mask' (int, [L]); see `write_tfrecords`. Read by random
+              access (records.RecordSource; offsets from the .offsets.npy sidecar `write_tfrecords`
+              writes, else from a scan of the record headers at start-up). Example g of the global
+              stream (step k, host p, row j: g = k * global_batch + p * b + j) is record
+              index_shuffle(g mod n, n, (seed, epoch g div n)): a fresh seeded permutation every epoch,
+              hosts disjoint within it, and resuming at start_step is exact and O(1), reading nothing
+              it skips. The global batch does not depend on the number of hosts. data.shuffle_buffer
+              <= 1 reads in file order instead of permuting.
+* "tfds":     the stream of each host is a pure function of (seed, process_index, process_count);
+              the random choices of an example are seeded by its position in that stream. Resuming
+              at start_step skips start_step * b records before decoding: exact, but O(steps) reads.
 
-TensorFlow and TFDS are imported inside the tfds/tfrecord branches only, and TensorFlow is
-kept off the GPUs, so models and samplers run where TensorFlow is absent.
+TensorFlow and TFDS are imported inside the tfds/tfrecord branches only (tfrecord: only to parse
+tf.train.Example), and TensorFlow is kept off the GPUs, so models and samplers run where TensorFlow is absent.
 """
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from imagen_jax import paths
+from imagen_jax.data import records
 from imagen_jax.data.shapes import ShapesDataset
 
 __all__ = ["DatasetError", "make_iterator", "write_tfrecords", "resize_with_crop", "StageSizes"]
@@ -186,10 +193,12 @@ def make_iterator(config, *, global_batch: int, process_index: int = 0, process_
     if source == "shapes":
         batches = _shapes_batches(int(config.seed), sizes, global_batch, per_host, process_index, start_step)
         return _background(batches, int(config.data.get("prefetch", 2)))
-    if source in ("tfds", "tfrecord"):
+    if source == "tfrecord":
+        batches = _tfrecord_batches(config, sizes, global_batch, per_host, process_index, start_step)
+        return _background(batches, int(config.data.get("prefetch", 2)))
+    if source == "tfds":
         tf = _import_tf()
-        make = _tfds_examples if source == "tfds" else _tfrecord_examples
-        ds = make(tf, config, process_index, process_count)
+        ds = _tfds_examples(tf, config, process_index, process_count)
         return _tf_batches(tf, ds, config, sizes, per_host, process_index, process_count, start_step)
     raise DatasetError(f"unknown config.data.source {source!r}; expected 'shapes', 'tfds' or 'tfrecord'")
 
@@ -344,47 +353,87 @@ def _tfds_examples(tf, config, process_index, process_count):
     return ds.map(select)
 
 
-def _tfrecord_examples(tf, config, process_index, process_count):
-    """This host's share of the TFRecord files as (image bytes, captions[, embeddings, mask]), one epoch."""
-    pattern = config.data.files
+def _tfrecord_files(pattern):
     if not pattern:
         raise DatasetError("config.data.source='tfrecord' needs config.data.files (a glob of TFRecord files)")
-    files = sorted(tf.io.gfile.glob(pattern)) if "://" in pattern else sorted(_glob.glob(pattern))
+    if "://" in pattern:
+        root, _, glob_part = pattern.rpartition("/")
+        files = sorted(str(p) for p in paths.path(root).glob(glob_part)) if paths.exists(root) else []
+    else:
+        files = sorted(_glob.glob(pattern))
+    files = [f for f in files if not f.endswith(records.SIDECAR)]
     if not files:
         raise DatasetError(f"no files match config.data.files={pattern!r}")
-    first = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(files[0]).take(1))).numpy())
-    present = set(first.features.feature)
-    if not {"image", "caption"} <= present:
-        raise DatasetError(f"{files[0]}: tf.train.Example needs 'image' and 'caption' features, "
-                           f"has {sorted(present)}")
-    spec = {"image": tf.io.FixedLenFeature([], tf.string), "caption": tf.io.VarLenFeature(tf.string)}
+    return files
+
+
+def tfrecord_positions(n, step, global_batch, per_host, process_index, seed, shuffle=True):
+    """Record indices (int64 [per_host]) and global positions of host `process_index`'s rows at `step`:
+    O(per_host), whatever the step."""
+    g = np.arange(per_host, dtype=np.int64) + step * global_batch + process_index * per_host
+    epoch, within = g // n, g % n
+    if not shuffle:
+        return within, g
+    out = np.empty(per_host, np.int64)
+    for e in np.unique(epoch):  # a batch spans at most two epochs
+        sel = epoch == e
+        out[sel] = records.index_shuffle(within[sel], n, [seed, int(e)]).astype(np.int64)
+    return out, g
+
+
+def _tfrecord_batches(config, sizes: StageSizes, global_batch, per_host, process_index, start_step):
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        from tensorflow.core.example import example_pb2  # the tf.train.Example message; no tf.data
+    except ImportError as e:
+        raise ImportError("config.data.source 'tfrecord' needs TensorFlow to parse tf.train.Example "
+                          "(pip install tensorflow-cpu); 'shapes' does not") from e
+
+    seed = int(config.seed)
+    source = records.RecordSource(_tfrecord_files(config.data.files))
+    n = len(source)
+    if n == 0:
+        raise DatasetError(f"config.data.files={config.data.files!r}: the files hold no records")
+    first = example_pb2.Example.FromString(source.read(0)).features.feature
+    if not {"image", "caption"} <= set(first):
+        raise DatasetError(f"{source.files[0]}: tf.train.Example needs 'image' and 'caption' features, "
+                           f"has {sorted(first)}")
     shape = None
-    if "embedding" in present:
-        if "mask" not in present:
-            raise DatasetError(f"{files[0]}: an 'embedding' feature needs a 'mask' feature ([L] ints)")
-        length = len(first.features.feature["mask"].int64_list.value)
-        dim = len(first.features.feature["embedding"].float_list.value) // max(length, 1)
-        shape = (length, dim)
-        spec["embedding"] = tf.io.FixedLenFeature([length * dim], tf.float32)
-        spec["mask"] = tf.io.FixedLenFeature([length], tf.int64)
+    if "embedding" in first:
+        if "mask" not in first:
+            raise DatasetError(f"{source.files[0]}: an 'embedding' feature needs a 'mask' feature ([L] ints)")
+        length = len(first["mask"].int64_list.value)
+        shape = (length, len(first["embedding"].float_list.value) // max(length, 1))
+    shuffle = int(config.data.get("shuffle_buffer", 10_000)) > 1
 
-    if len(files) >= process_count:
-        ds = tf.data.Dataset.from_tensor_slices(files[process_index::process_count])
-        ds = ds.shuffle(len(files), seed=int(config.seed), reshuffle_each_iteration=True)
-        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(16, len(files)),
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    else:
-        ds = tf.data.TFRecordDataset(files).shard(process_count, process_index)
-
-    def parse(record):
-        ex = tf.io.parse_single_example(record, spec)
-        out = {"image": ex["image"], "captions": tf.sparse.to_dense(ex["caption"])}
+    def example(index, position):
+        f = example_pb2.Example.FromString(source.read(int(index))).features.feature
+        # Seeded by the global position: the same example whatever the host count or restart.
+        rng = np.random.default_rng([seed, int(position), _CROP_STREAM])
+        captions = np.array(list(f["caption"].bytes_list.value), dtype=object)
+        caption = _choose_caption(captions, rng)
+        hi, low = _stage_arrays(_decode(f["image"].bytes_list.value[0], sizes.source_size), sizes, rng)
+        out = {"image": hi, "captions": caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)}
+        if low is not None:
+            out["lowres"] = low
         if shape is not None:
-            out["embeddings"] = tf.reshape(ex["embedding"], shape)
-            out["mask"] = tf.cast(ex["mask"], tf.bool)
+            out["embeddings"] = np.asarray(f["embedding"].float_list.value, np.float32).reshape(shape)
+            out["mask"] = np.asarray(f["mask"].int64_list.value).astype(bool)
         return out
 
-    return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    def batches():  # a generator of its own: the checks above run when make_iterator is called
+        with ThreadPoolExecutor(max_workers=int(config.data.get("workers", 8))) as pool:
+            step = start_step
+            while True:
+                index, position = tfrecord_positions(n, step, global_batch, per_host, process_index, seed, shuffle)
+                rows = list(pool.map(example, index, position))
+                batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "captions"}
+                batch["captions"] = np.array([r["captions"] for r in rows])
+                yield batch
+                step += 1
+
+    return batches()
 
 
 def _tf_batches(tf, ds, config, sizes: StageSizes, per_host, process_index, process_count, start_step):
@@ -469,21 +518,23 @@ def write_tfrecords(path: str, examples: Iterable[dict[str, Any]], *, num_shards
 
     Each example: 'image' (uint8 [H, W, 3], stored as PNG, or already-encoded bytes), 'caption'
     (str or a list of str), optionally 'embedding' (float [L, D]) with 'mask' ([L]).
-    One file at `path`, or `num_shards` files `path-00000-of-0000N` filled round-robin.
-    Returns the paths written.
+    One file at `path`, or `num_shards` files `path-00000-of-0000N` filled round-robin, each with its
+    `.offsets.npy` sidecar (record offsets, for random access). Returns the TFRecord paths written.
     """
     tf = _import_tf()
     if num_shards < 1:
         raise ValueError(f"num_shards must be positive, got {num_shards}")
-    paths = [path] if num_shards == 1 else [f"{path}-{k:05d}-of-{num_shards:05d}" for k in range(num_shards)]
-    writers = [tf.io.TFRecordWriter(p) for p in paths]
+    out = [path] if num_shards == 1 else [f"{path}-{k:05d}-of-{num_shards:05d}" for k in range(num_shards)]
+    writers = [tf.io.TFRecordWriter(p) for p in out]
     try:
         for i, ex in enumerate(examples):
             writers[i % num_shards].write(_to_example(tf, ex).SerializeToString())
     finally:
         for w in writers:
             w.close()
-    return paths
+    for p in out:  # random access for the "tfrecord" source without a scan at start-up
+        records.write_offsets(p)
+    return out
 
 
 def _to_example(tf, ex: dict[str, Any]):
