@@ -131,7 +131,15 @@ def parse_own_flags(flag_values, argv, module_doc):
         print("\n".join([(module_doc or "").strip(), "", "flags:",
                          flag_values.get_help(include_special_flags=False).split("\n", 1)[-1]]))
         raise SystemExit(0)
-    flag_values.unparse_flags()
+    if flag_values.is_parsed():  # a rerun in one process: forget the last call's values
+        import logging
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.WARNING)  # absl logs every unparse at INFO
+        try:
+            flag_values.unparse_flags()
+        finally:
+            root.setLevel(level)
     try:
         rest = flag_values(["prog"] + argv)
     except (flags.Error, ValueError, TypeError) as e:

@@ -16,13 +16,14 @@ padded positions dropped) is described there. --out may be local or gs://.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import sys
+import types
 from typing import Iterable, Sequence
 
 import numpy as np
+from absl import flags
 
 from imagen_jax import cli, paths
 from imagen_jax.text import store as store_lib
@@ -34,34 +35,44 @@ log = logging.getLogger("imagen_jax.encode_text")
 __all__ = ["main", "encode_captions", "read_captions_file", "EmbeddingStore"]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = cli.ArgumentParser(prog="python -m imagen_jax.encode_text", description=__doc__.split("\n")[0])
-    p.add_argument("--t5", required=True, help="T5X checkpoint dir / msgpack file, or HF safetensors")
-    p.add_argument("--vocab", required=True, help="T5's SentencePiece model file")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--captions_file", help="UTF-8 text file, one caption per line")
-    src.add_argument("--tfds", help="TFDS dataset name (needs tensorflow-datasets)")
-    p.add_argument("--split", default="train", help="TFDS split")
-    p.add_argument("--caption_key", default="caption",
-                   help="TFDS feature holding the caption(s); '/' descends ('captions/text')")
-    p.add_argument("--data_dir", default=None, help="TFDS data_dir")
-    p.add_argument("--out", required=True, help="output directory (created; resumed if present)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--max_length", type=int, default=128, help="tokens per caption incl. EOS")
-    p.add_argument("--shard_size", type=int, default=4096, help="captions per part (one file pair)")
-    p.add_argument("--process_index", type=int, default=None,
-                   help="this host's number (default jax.process_index()): it encodes chunks i, i+P, ...")
-    p.add_argument("--process_count", type=int, default=None, help="hosts sharing the work (default jax's)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="parameter and compute dtype; auto: bfloat16 on accelerators, float32 on CPU")
-    args = p.parse_args(argv)
-    for name in ("batch_size", "max_length", "shard_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be positive")
+# The tool's own FlagValues: main(argv) may run more than once in a process, beside other tools.
+FLAGS = flags.FlagValues()
+_F = dict(flag_values=FLAGS)
+flags.DEFINE_string("t5", None, "T5X checkpoint dir / msgpack file, or HF safetensors.", **_F)
+flags.DEFINE_string("vocab", None, "T5's SentencePiece model file.", **_F)
+flags.DEFINE_string("captions_file", None, "UTF-8 text file, one caption per line (or give --tfds).", **_F)
+flags.DEFINE_string("tfds", None, "TFDS dataset name (needs tensorflow-datasets; or give --captions_file).", **_F)
+flags.DEFINE_string("split", "train", "TFDS split.", **_F)
+flags.DEFINE_string("caption_key", "caption", "TFDS feature holding the caption(s); '/' descends ('captions/text').",
+                    **_F)
+flags.DEFINE_string("data_dir", None, "TFDS data_dir.", **_F)
+flags.DEFINE_string("out", None, "Output directory (created; resumed if present).", **_F)
+flags.DEFINE_integer("batch_size", 64, "Captions per encoder batch.", lower_bound=1, **_F)
+flags.DEFINE_integer("max_length", 128, "Tokens per caption incl. EOS.", lower_bound=1, **_F)
+flags.DEFINE_integer("shard_size", 4096, "Captions per part (one file pair).", lower_bound=1, **_F)
+flags.DEFINE_integer("process_index", None, "This host's number (default jax.process_index()): it encodes chunks "
+                     "i, i+P, ... (give with --process_count).", lower_bound=0, **_F)
+flags.DEFINE_integer("process_count", None, "Hosts sharing the work (default jax's).", lower_bound=1, **_F)
+flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "Parameter and compute dtype; auto: bfloat16 "
+                  "on accelerators, float32 on CPU.", **_F)
+flags.mark_flags_as_required(["t5", "vocab", "out"], flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(["captions_file", "tfds"], required=True, flag_values=FLAGS)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> types.SimpleNamespace:
+    """The flags (default sys.argv[1:]) as a namespace; SystemExit(2) with one line on a bad flag,
+    SystemExit(0) after --help."""
+    f = cli.parse_own_flags(FLAGS, sys.argv[1:] if argv is None else argv, __doc__)
+    args = types.SimpleNamespace(**f.flag_values_dict())
+
+    def error(message):
+        print(f"encode_text: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
     if (args.process_index is None) != (args.process_count is None):
-        p.error("--process_index and --process_count go together")
+        error("--process_index and --process_count go together")
     if args.process_count is not None and not 0 <= args.process_index < args.process_count:
-        p.error(f"--process_index must be in [0, --process_count), got {args.process_index} of {args.process_count}")
+        error(f"--process_index must be in [0, --process_count), got {args.process_index} of {args.process_count}")
     return args
 
 
@@ -185,9 +196,11 @@ def _make_mesh():
     return Mesh(np.array(jax.local_devices()), ("data",))
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args) -> dict:
     import jax
     import jax.numpy as jnp
+
+    from imagen_jax import parallel
 
     check_out(args.out)
     if args.captions_file:
