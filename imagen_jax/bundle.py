@@ -40,6 +40,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import jax
@@ -48,7 +49,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from imagen_jax import checkpoints
+from imagen_jax import checkpoints, paths
 
 FORMAT = "imagen_jax.bundle"
 FORMAT_VERSION = 1
@@ -248,32 +249,33 @@ def find_vocab(config, workdir):
     conditioner needs none (precomputed embeddings) or the workdir has not trained one yet."""
     t = config.text
     if t.vocab:
-        if not os.path.isfile(t.vocab):
+        if not paths.isfile(t.vocab):
             raise BundleError(f"config.text.vocab {t.vocab} of {workdir} does not exist")
         return t.vocab
     if t.embeddings_dir or t.t5_checkpoint:
         return None
-    vdir = os.path.join(workdir, "vocab")
-    preferred = os.path.join(vdir, "shapes_spm.model")
-    if os.path.isfile(preferred):
+    vdir = paths.join(workdir, "vocab")
+    preferred = paths.join(vdir, "shapes_spm.model")
+    if paths.isfile(preferred):
         return preferred
-    found = sorted(n for n in os.listdir(vdir) if n.endswith(".model")) if os.path.isdir(vdir) else []
+    found = [n for n in paths.listdir(vdir) if n.endswith(".model")] if paths.isdir(vdir) else []
     if len(found) > 1:
         raise BundleError(f"{vdir} holds several vocabularies {found}; set config.text.vocab to the one to export")
-    return os.path.join(vdir, found[0]) if found else None
+    return paths.join(vdir, found[0]) if found else None
 
 
 def _check_output(out, workdir, overwrite):
-    out_abs, wd_abs = os.path.realpath(out), os.path.realpath(workdir)
-    ckpt_abs = os.path.realpath(checkpoints.checkpoint_dir(workdir))
+    real = (lambda p: p.rstrip("/")) if paths.is_remote(out) or paths.is_remote(workdir) else os.path.realpath
+    out_abs, wd_abs = real(out), real(workdir)
+    ckpt_abs = real(checkpoints.checkpoint_dir(workdir))
     if out_abs == wd_abs or wd_abs.startswith(out_abs + os.sep) or (out_abs + os.sep).startswith(ckpt_abs + os.sep):
         raise BundleError(f"output {out} overlaps the workdir {workdir} or its checkpoints; choose another path")
-    if not os.path.lexists(out):
+    if not (paths.exists(out) if paths.is_remote(out) else os.path.lexists(out)):
         return
     if not overwrite:
         raise BundleError(f"output {out} exists (pass --overwrite to replace it)")
     # Never delete something that is not a bundle: a mistyped path must not cost a directory.
-    if not (is_bundle(out) or (os.path.isdir(out) and not os.listdir(out))):
+    if not (is_bundle(out) or (paths.isdir(out) and not paths.listdir(out))):
         raise BundleError(f"output {out} exists and is not a bundle (no info.json); refusing to replace it")
 
 
@@ -297,9 +299,15 @@ def export(workdir, out, *, step=None, params="ema", dtype="bfloat16", overwrite
         raise BundleError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if int(max_shard_bytes) <= 0:
         raise BundleError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    if not os.path.isdir(workdir):
+    if not paths.isdir(workdir):
         raise BundleError(f"workdir {workdir} does not exist")
     out = out.rstrip("/") or out
+    # A gs:// bundle is built in a local directory and uploaded at the end (manifest last);
+    # positioned writes need a local file, so with several processes each parameter is gathered
+    # to process 0 (one parameter at a time) instead of every process writing its slices.
+    remote = paths.is_remote(out)
+    if remote:
+        paths.check_bucket(out)
     _check_output(out, workdir, overwrite)
     try:
         config = checkpoints.load_config(workdir)
@@ -332,9 +340,14 @@ def export(workdir, out, *, step=None, params="ema", dtype="bfloat16", overwrite
     meta = {"format": FORMAT, "params": params}
     host0 = jax.process_index() == 0
 
-    parent = os.path.dirname(os.path.abspath(out))
-    base = os.path.basename(os.path.abspath(out))
-    tmp = os.path.join(parent, f".{base}.partial-{_shared_token()}")
+    if remote:
+        token = _shared_token()
+        tmp = os.path.join(tempfile.gettempdir(), f"imagen_jax_bundle.partial-{token}")
+    else:
+        parent = os.path.dirname(os.path.abspath(out))
+        base = os.path.basename(os.path.abspath(out))
+        tmp = os.path.join(parent, f".{base}.partial-{_shared_token()}")
+    gather = remote and jax.process_count() > 1
     try:
         # ---- process 0: directory, vocabulary, config and the pre-sized weight files with their
         # headers (everything that can fail for a reason other than I/O happens before the writes)
@@ -356,14 +369,24 @@ def export(workdir, out, *, step=None, params="ema", dtype="bfloat16", overwrite
         bar = tqdm(total=len(entries), desc="export", unit="param",
                    disable=not progress or not host0 or total_bytes < (64 << 20))
         for fname, group in files:
-            fd = os.open(os.path.join(tmp, fname), os.O_WRONLY)
+            fd = os.open(os.path.join(tmp, fname), os.O_WRONLY) if host0 or not gather else None
             try:
                 for name, _, st_dtype in group:
-                    write_param(fd, layout[fname][name][0], flat[name], st_dtype, assemble=_assemble)
+                    if gather:
+                        from jax.experimental import multihost_utils
+                        full = np.asarray(multihost_utils.process_allgather(flat[name], tiled=True))
+                        if host0:
+                            _pwrite_all(fd, _bytes(np.ascontiguousarray(full.astype(st_dtype))),
+                                        layout[fname][name][0])
+                        del full
+                    else:
+                        write_param(fd, layout[fname][name][0], flat[name], st_dtype, assemble=_assemble)
                     bar.update(1)
-                os.fsync(fd)
+                if fd is not None:
+                    os.fsync(fd)
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
         bar.close()
         del tree, flat
         _barrier("bundle_params_written")
@@ -382,7 +405,7 @@ def export(workdir, out, *, step=None, params="ema", dtype="bfloat16", overwrite
                     checksums[os.path.relpath(p, tmp)] = {"sha256": sha256_file(p), "bytes": os.path.getsize(p)}
             info = {"format": FORMAT, "format_version": FORMAT_VERSION, "stage": config.stage,
                     "resolution": int(config.data.full_size or config.data.image_size),
-                    "source_workdir": os.path.abspath(workdir), "step": int(step), "params": params,
+                    "source_workdir": paths.absolute(workdir), "step": int(step), "params": params,
                     "param_count": int(n_params), "dtype": dtype, "weight_files": [f for f, _ in files],
                     "bundle_bytes": sum(v["bytes"] for v in checksums.values()), "versions": _versions(),
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -396,15 +419,19 @@ def export(workdir, out, *, step=None, params="ema", dtype="bfloat16", overwrite
                 info["notes"] = notes
             with open(os.path.join(tmp, "info.json"), "w") as f:
                 json.dump(info, f, indent=2)
-            _replace(tmp, out)
+            if remote:
+                paths.rmtree(out)  # _check_output allowed it: a bundle or an empty directory
+                paths.upload_tree(tmp, out, last=("info.json",))
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                _replace(tmp, out)
     except BaseException:
         if host0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     _barrier("bundle_done")
     if not host0:
-        with open(os.path.join(out, "info.json")) as f:
-            info = json.load(f)
+        info = json.loads(paths.read_text(paths.join(out, "info.json")))
     if log and host0:
         nfiles = len(info["weight_files"])
         log(f"exported {n_params} params ({params}, {dtype}) from step {step} to {out}: "
@@ -418,8 +445,10 @@ def _write_config(tmp, config, vocab):
     vdir = os.path.join(tmp, "vocab")
     if vocab:
         os.makedirs(vdir, exist_ok=True)
-        shutil.copyfile(vocab, os.path.join(vdir, os.path.basename(vocab)))
-        bundle_config.text.vocab = os.path.join("vocab", os.path.basename(vocab))
+        name = paths.path(vocab).name
+        with open(os.path.join(vdir, name), "wb") as f:
+            f.write(paths.read_bytes(vocab))
+        bundle_config.text.vocab = os.path.join("vocab", name)
     elif not (config.text.embeddings_dir or config.text.t5_checkpoint):
         # The workdir never trained its demo vocabulary: train the same one (deterministic in
         # config.seed) into the bundle, as sampling from the workdir would have done.
@@ -452,7 +481,7 @@ def _replace(tmp, out):
 
 # ------------------------------------------------------------------------------- reading
 def is_bundle(path):
-    return os.path.isfile(os.path.join(path, "info.json"))
+    return paths.isfile(paths.join(path, "info.json"))
 
 
 def read_info(path):
@@ -522,7 +551,7 @@ def load(path, mesh=None, *, shardings=None, verify=True):
     from imagen_jax import cascade, parallel
     from imagen_jax.models import UNetConfig, param_shapes
 
-    path = os.path.abspath(path)
+    path = os.path.abspath(paths.local_dir(path))  # a gs:// bundle is read from a local copy
     info = read_info(path)
     if verify:
         verify_files(path, info)

@@ -203,6 +203,8 @@ def run(args) -> dict:
     from imagen_jax import parallel
 
     check_out(args.out)
+    paths.check_bucket(args.out)
+    parallel.maybe_initialize_distributed()  # on a pod (launch/tpu.sh), before jax is first used
     if args.captions_file:
         captions = _dedupe(read_captions_file(args.captions_file))
         source = args.captions_file

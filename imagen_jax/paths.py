@@ -138,6 +138,38 @@ def check_bucket(p):
                         f"`gcloud storage buckets create gs://{bucket}`) or these credentials cannot see it")
 
 
+_MIRRORS = {}
+
+
+def local_dir(p) -> str:
+    """A local directory holding a copy of directory p (p itself when local), for readers that
+    need local files (safetensors' memory maps, positioned reads). A gs:// directory is downloaded
+    once per process into a temporary directory that is removed at exit."""
+    p = os.fspath(p)
+    if not is_remote(p):
+        return p
+    key = p.rstrip("/")
+    if key not in _MIRRORS:
+        import atexit
+
+        d = tempfile.mkdtemp(prefix="imagen_jax_mirror_")
+        atexit.register(shutil.rmtree, d, ignore_errors=True)
+        copy_tree(key, d)
+        _MIRRORS[key] = d
+    return _MIRRORS[key]
+
+
+def upload_tree(local, dst, *, last=()):
+    """Copies local directory `local` to `dst` (any place), the files named in `last` (relative
+    paths: the completion markers readers look for) after everything else."""
+    src = path(local)
+    files = sorted(os.path.relpath(os.path.join(d, n), local) for d, _, ns in os.walk(local) for n in ns)
+    for rel in [f for f in files if f not in last] + [f for f in files if f in last]:
+        target = path(dst).joinpath(*rel.split(os.sep))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((src / rel).read_bytes())
+
+
 @contextlib.contextmanager
 def local_file(p):
     """A local file path holding p's bytes, for libraries that only open local files
@@ -156,5 +188,5 @@ def local_file(p):
 
 
 __all__ = ["PathError", "absolute", "check_bucket", "copy_tree", "exists", "is_remote", "isdir", "isfile",
-           "join", "listdir", "local_file", "makedirs", "path", "read_bytes", "read_text", "rmtree",
-           "write_bytes", "write_text"]
+           "join", "listdir", "local_dir", "local_file", "makedirs", "path", "read_bytes", "read_text",
+           "rmtree", "upload_tree", "write_bytes", "write_text"]

@@ -11,7 +11,7 @@ bit for bit on the same device type). Output goes to OUT.partial first and is re
 
 from absl import flags
 
-from imagen_jax import cli, sampling
+from imagen_jax import cli, parallel, sampling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
@@ -53,6 +53,7 @@ def _main():
     if not FLAGS.stages or not FLAGS.out:
         raise sampling.UsageError("--stages and --out are required")
     prompts = sampling.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
+    parallel.maybe_initialize_distributed()  # on a pod (launch/tpu.sh), before jax is first used
     sampling.generate([d for d in FLAGS.stages.split(",") if d], prompts, FLAGS.out,
                       num_images=FLAGS.num_images, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
                       overwrite=FLAGS.overwrite, steps=FLAGS.steps, guidance=FLAGS.guidance,

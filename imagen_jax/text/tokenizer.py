@@ -9,6 +9,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from imagen_jax import paths
+
 log = logging.getLogger(__name__)
 
 PAD_ID = 0
@@ -27,14 +29,15 @@ class T5Tokenizer:
 
     def __init__(self, vocab_path: str | os.PathLike, max_length: int = 128):
         vocab_path = os.fspath(vocab_path)
-        if not os.path.isfile(vocab_path):
+        if not paths.isfile(vocab_path):
             raise FileNotFoundError(f"{vocab_path}: SentencePiece model not found; expected T5's "
                                     "vocabulary file (e.g. spiece.model / sentencepiece.model)")
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (one piece + EOS), got {max_length}")
         self._sp = spm.SentencePieceProcessor()
         try:
-            self._sp.Load(vocab_path)
+            # From bytes, so gs://t5-data/vocabs/... loads like a local file.
+            self._sp.LoadFromSerializedProto(paths.read_bytes(vocab_path))
         except Exception as e:
             raise ValueError(f"{vocab_path}: not a SentencePiece model ({e})") from None
         if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:

@@ -89,3 +89,16 @@ def check_workdir(config, workdir):
     if diffs:
         raise ConfigError(f"workdir {workdir} holds another run: " + ", ".join(diffs[:6]) +
                           "; give a new --workdir (or the config it was trained with)")
+
+
+def check_orphan_checkpoints(workdir):
+    """Checkpoints without the config.json that every run writes before its first save belong to
+    no run of this trainer (or to another tool): refused, not overwritten."""
+    if paths.isfile(paths.join(workdir, "config.json")):
+        return
+    from imagen_jax import checkpoints
+
+    steps = checkpoints.available_steps(workdir)
+    if steps:
+        raise ConfigError(f"workdir {workdir} holds checkpoints (steps {steps[:5]}) but no config.json, so "
+                          "they are not a run of this stage; give a new --workdir")
