@@ -67,3 +67,26 @@ def make_store(root, vocab, captions, max_length=16):
     store = str(root / "store")
     encode_text.encode_captions(enc, list(captions), store, batch_size=8, shard_size=8, progress=False)
     return {"t5": t5_path, "store": store, "enc": enc}
+
+
+class CompileCounter:
+    """Counts XLA compilations (jax's backend-compile events) inside `with counter:` blocks."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        from jax import monitoring
+
+        self.count, self.active = 0, False
+        monitoring.register_event_duration_secs_listener(self._on)
+
+    def _on(self, event, duration, **kwargs):
+        if self.active and event == self.EVENT:
+            self.count += 1
+
+    def __enter__(self):
+        self.count, self.active = 0, True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False

@@ -461,3 +461,24 @@ def test_dtype_reaches_if_stages_and_their_t5(pipelines):
     assert {str(x.dtype) for x in jax.tree_util.tree_leaves(cond._enc.params)} == {"bfloat16"}
     with pytest.raises(cascade.CascadeError, match="dtype must be one of"):
         cascade.load_stage(pipelines["I"], mesh, accept_license=True, dtype="int8")
+
+
+def test_python_pipeline_serves_if_stages_without_recompiling(pipelines):
+    """Stage I alone keeps it short: stage II runs through the same Pipeline in
+    test_sample_cli_runs_if_stages_through_the_cascade (sampling.generate wraps it)."""
+    import imagen_jax
+    from imagen_jax import deepfloyd
+    from stage_utils import CompileCounter
+
+    with pytest.raises(deepfloyd.LicenseNotAcceptedError):
+        imagen_jax.Pipeline.load([pipelines["I"]])
+    pipe = imagen_jax.Pipeline.load([pipelines["I"]], accept_license=True)
+    counter = CompileCounter()
+    a = pipe(PROMPTS, seed=1, steps=2, guidance=7.0)
+    assert a.shape == (2, 16, 16, 3) and a.dtype == np.uint8 and a.std() > 1.0
+    with counter:
+        b = pipe(PROMPTS, seed=1, steps=2, guidance=7.0)
+        c = pipe(PROMPTS, seed=1, steps=2, guidance=3.0)  # guidance is traced: no new program
+    assert counter.count == 0, f"{counter.count} compilations on repeated calls"
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)

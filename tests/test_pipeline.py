@@ -2,33 +2,11 @@
 sample CLI's library form."""
 import numpy as np
 import pytest
-from jax import monitoring
 from PIL import Image
 
 import imagen_jax
 from imagen_jax import cascade, sampling
-from stage_utils import make_workdir, shapes_vocab
-
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-
-
-class CompileCounter:
-    """Counts XLA compilations (jax's backend-compile events) while active."""
-
-    def __init__(self):
-        self.count, self.active = 0, False
-        monitoring.register_event_duration_secs_listener(self._on)
-
-    def _on(self, event, duration, **kwargs):
-        if self.active and event == BACKEND_COMPILE:
-            self.count += 1
-
-    def __enter__(self):
-        self.count, self.active = 0, True
-        return self
-
-    def __exit__(self, *exc):
-        self.active = False
+from stage_utils import CompileCounter, make_workdir, shapes_vocab
 
 
 @pytest.fixture(scope="module")
