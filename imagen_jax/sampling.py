@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from imagen_jax import cascade, cli, conditioning, parallel
+from imagen_jax import cascade, cli, conditioning
 
 
 class UsageError(cli.UsageError):
@@ -202,27 +202,29 @@ class StageConditioner:
 
 
 def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, overwrite=False, log=print,
-             accept_license=False, t5=None, **setting_flags):
+             accept_license=False, t5=None, pipeline=None, **setting_flags):
     """Library form of the CLI: returns the final stage's uint8 images [N, S, S, 3]. `t5`: the T5 (checkpoint
-    path) that encodes prompts missing from a stage's embedding store (default: text.t5_checkpoint)."""
+    path) that encodes prompts missing from a stage's embedding store (default: text.t5_checkpoint).
+    `pipeline`: an imagen_jax.Pipeline already loaded (its stages, encoders and compiled samplers are
+    reused; stage_dirs may then be None), instead of loading stage_dirs."""
     from PIL import Image
+
+    from imagen_jax.pipeline import Pipeline
 
     if batch_size < 0:
         raise UsageError(f"--batch_size must be >= 0 (0: up to 64), got {batch_size}")
+    if pipeline is not None and not stage_dirs:
+        stage_dirs = [st.source for st in pipeline.stages]
     check_request(stage_dirs, prompts, out, num_images=num_images, overwrite=overwrite, **setting_flags)
-    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    stages = [cascade.load_stage(d, mesh, accept_license=accept_license) for d in stage_dirs]
-    cascade.check_chain(stages)
-    settings = settings_for(stages, **setting_flags)
+    pipe = pipeline or Pipeline.load(stage_dirs, accept_license=accept_license, t5=t5)
+    stages = pipe.stages
+    pipe.settings(**setting_flags)  # bad settings are refused before the text encoder loads
     check_memory(stages, len(prompts) * num_images)
-    expanded = [p for p in prompts for _ in range(num_images)]
-    cond = StageConditioner(stages, t5=t5)
-    text_desc = cond.description
+    text_desc = pipe.description
     log(f"text encoder: {text_desc}")
-    texts, masks = cond(expanded)
-    samplers = [cascade.make_sampler(st, mesh, s, cond.negative) for st, s in zip(stages, settings)]
-    outputs, times = cascade.run_cascade(samplers, texts, masks, seed, batch_size=batch_size or None, log=log)
-    final = outputs[-1]
+    result = pipe.run(prompts, num_images=num_images, seed=seed, batch_size=batch_size or None, progress=True,
+                      log=log, **setting_flags)
+    final, settings, times = result.images[-1], result.settings, result.seconds
     if jax.process_index() == 0:
         partial = out.rstrip("/") + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
