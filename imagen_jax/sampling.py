@@ -45,24 +45,34 @@ def _is_if(stage):
 
 
 def _sampling_defaults(stage):
-    """(steps, guidance, sampler) a stage samples with by default: its config's, or diffusers' for IF."""
+    """The settings a stage samples with unless a flag overrides them: its config's `sampling`
+    block (steps, guidance, sampler, thresholding, percentile, aug_level), or diffusers' for IF.
+    Configs written before a field existed get that field's former fixed default."""
     if _is_if(stage):
         from imagen_jax import deepfloyd
         d = deepfloyd.default_settings(stage)
-        return d.steps, d.guidance, d.sampler
-    return int(stage.config.sampling.steps), float(stage.config.sampling.guidance), stage.config.sampling.sampler
+        return dict(steps=d.steps, guidance=d.guidance, sampler=d.sampler, thresholding="dynamic",
+                    percentile=99.5, aug_level=0.0)
+    s = stage.config.sampling
+    return dict(steps=int(s.steps), guidance=float(s.guidance), sampler=s.sampler,
+                thresholding=str(s.get("thresholding", "dynamic")), percentile=float(s.get("percentile", 99.5)),
+                aug_level=float(s.get("aug_level", 0.0)))
 
 
 def settings_for(stages, *, steps=None, guidance=None, sampler=None, eta=0.0, thresholding=None,
-                 percentile=99.5, aug_level=None, noise_level=None):
+                 percentile=None, aug_level=None, noise_level=None):
+    """One settings object per stage: each stage's config defaults (see _sampling_defaults), overridden
+    by the flags given (None: not given; one value is every stage's, 'a,b,c' one per stage)."""
     n = len(stages)
     defaults = [_sampling_defaults(s) for s in stages]
-    steps = per_stage(steps, n, "steps", int, [d[0] for d in defaults])
-    guidance = per_stage(guidance, n, "guidance", float, [d[1] for d in defaults])
-    samplers = per_stage(sampler, n, "sampler", str, [d[2] for d in defaults])
-    thresh = per_stage(thresholding, n, "thresholding", str, ["dynamic"] * n)
+    steps = per_stage(steps, n, "steps", int, [d["steps"] for d in defaults])
+    guidance = per_stage(guidance, n, "guidance", float, [d["guidance"] for d in defaults])
+    samplers = per_stage(sampler, n, "sampler", str, [d["sampler"] for d in defaults])
+    thresh = per_stage(thresholding, n, "thresholding", str, [d["thresholding"] for d in defaults])
+    percentiles = per_stage(percentile, n, "percentile", float, [d["percentile"] for d in defaults])
     sr = n - 1
-    augs = [0.0] + (per_stage(aug_level, sr, "aug_level", float, [0.0] * sr) if sr else [])
+    augs = [0.0] + (per_stage(aug_level, sr, "aug_level", float, [d["aug_level"] for d in defaults[1:]])
+                    if sr else [])
     if not sr and aug_level is not None:
         raise UsageError("--aug_level applies to super-resolution stages, but only a base stage was given")
     if_sr = [i for i, s in enumerate(stages) if _is_if(s) and s.is_sr]
@@ -78,7 +88,7 @@ def settings_for(stages, *, steps=None, guidance=None, sampler=None, eta=0.0, th
                                             noise_level=levels.get(i, 250)))
         else:
             out.append(cascade.StageSettings(sampler=samplers[i], steps=steps[i], guidance=guidance[i],
-                                             thresholding=thresh[i], percentile=percentile, eta=eta,
+                                             thresholding=thresh[i], percentile=percentiles[i], eta=eta,
                                              aug_level=augs[i]))
     return out
 
@@ -110,6 +120,11 @@ def check_replaceable(out):
     if not is_sample_output(out):
         raise UsageError(f"--out {out} exists and is not a previous sample output (no settings.json written "
                          "by imagen_jax.sample); refusing to replace it: give a new --out")
+
+
+def check_dtype(dtype):
+    if dtype is not None and dtype not in cascade.DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(cascade.DTYPES)}")
 
 
 def check_request(stage_dirs, prompts, out, *, num_images, overwrite, **setting_flags):
@@ -202,9 +217,10 @@ class StageConditioner:
 
 
 def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, overwrite=False, log=print,
-             accept_license=False, t5=None, pipeline=None, **setting_flags):
-    """Library form of the CLI: returns the final stage's uint8 images [N, S, S, 3]. `t5`: the T5 (checkpoint
-    path) that encodes prompts missing from a stage's embedding store (default: text.t5_checkpoint).
+             accept_license=False, dtype=None, t5=None, pipeline=None, **setting_flags):
+    """Library form of the CLI: returns the final stage's uint8 images [N, S, S, 3]. `dtype`
+    (None | float32 | bfloat16 | float16): see cascade.load_stage. `t5`: the T5 (checkpoint path) that encodes
+    prompts missing from a stage's embedding store (default: the stage config's text.t5_checkpoint).
     `pipeline`: an imagen_jax.Pipeline already loaded (its stages, encoders and compiled samplers are
     reused; stage_dirs may then be None), instead of loading stage_dirs."""
     from PIL import Image
@@ -213,10 +229,11 @@ def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, ov
 
     if batch_size < 0:
         raise UsageError(f"--batch_size must be >= 0 (0: up to 64), got {batch_size}")
+    check_dtype(dtype)
     if pipeline is not None and not stage_dirs:
         stage_dirs = [st.source for st in pipeline.stages]
     check_request(stage_dirs, prompts, out, num_images=num_images, overwrite=overwrite, **setting_flags)
-    pipe = pipeline or Pipeline.load(stage_dirs, accept_license=accept_license, t5=t5)
+    pipe = pipeline or Pipeline.load(stage_dirs, accept_license=accept_license, dtype=dtype, t5=t5)
     stages = pipe.stages
     pipe.settings(**setting_flags)  # bad settings are refused before the text encoder loads
     check_memory(stages, len(prompts) * num_images)
@@ -236,7 +253,8 @@ def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, ov
         record = {"written_by": SAMPLE_MARKER, "prompts": prompts, "num_images": num_images, "seed": seed,
                   "batch_size": batch_size, "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
                   "stages": [{"source": st.source, "step": st.step, "resolution": st.image_size,
-                              "seconds": round(t, 3), **s.__dict__} for st, s, t in zip(stages, settings, times)],
+                              "dtype": cascade.stage_dtype(st), "seconds": round(t, 3), **s.__dict__}
+                             for st, s, t in zip(stages, settings, times)],
                   "text_encoder": text_desc, "jax": jax.__version__}
         if any(_is_if(st) for st in stages):
             from imagen_jax import deepfloyd
