@@ -394,3 +394,20 @@ def test_tfrecord_source_without_sidecar_scans_headers(record_set, tmp_path):
     f = sorted(glob.glob(c.data.files))[0]
     np.testing.assert_array_equal(records.scan_offsets(f), np.load(os.path.join(
         os.path.dirname(record_set.data.files), os.path.basename(f) + records.SIDECAR)))
+
+
+def test_tfds_resumes_at_a_late_step_without_reading_skipped_records(shapes_tfds_dir, monkeypatch):
+    from imagen_jax.data import records
+    c = tiny("base64", source="tfds", name="imagen_shapes/tiny", data_dir=shapes_tfds_dir, caption_key="caption",
+             prefetch=0)
+    reads = []
+    original = records.RecordSource.read
+    monkeypatch.setattr(records.RecordSource, "read", lambda self, i: reads.append(i) or original(self, i))
+    late = 10**6
+    resumed = next(make_iterator(c, global_batch=8, start_step=late))
+    assert len(reads) == 8  # this batch's records only
+    straight = take(make_iterator(c, global_batch=8, start_step=late - 2), 3)
+    assert_batches_equal(resumed, straight[2])
+    hosts = [next(make_iterator(c, global_batch=8, process_index=p, process_count=2, start_step=late))
+             for p in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([h["image"] for h in hosts]), resumed["image"])

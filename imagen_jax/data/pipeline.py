@@ -21,8 +21,7 @@ Sources (data.source):
               is exact and O(1); crops are seeded by (seed, index).
 * "tfds":     any TFDS image-text dataset (data.name / data_dir / split / image_key /
               caption_key, '/' descending into nested features like 'captions/text'; one caption
-              picked at random per example when there are several). Each host reads its
-              `tfds.split_for_jax_process` share, shuffled with fixed seeds.
+              picked at random per example when there are several); see below for how it is read.
 * "tfrecord": local or gs:// TFRecord files (data.files glob) of tf.train.Example with 'image'
               (encoded bytes) and 'caption' (one or more byte strings), optionally 'embedding'
               (float, flattened [L * D]) and 'mask' (int, [L]); see `write_tfrecords`. Read by random
@@ -33,9 +32,12 @@ Sources (data.source):
               hosts disjoint within it, and resuming at start_step is exact and O(1), reading nothing
               it skips. The global batch does not depend on the number of hosts. data.shuffle_buffer
               <= 1 reads in file order instead of permuting.
-* "tfds":     the stream of each host is a pure function of (seed, process_index, process_count);
-              the random choices of an example are seeded by its position in that stream. Resuming
-              at start_step skips start_step * b records before decoding: exact, but O(steps) reads.
+* "tfds":     a prepared split stored as TFRecord (TFDS's default) is read like "tfrecord" above, from
+              the split's own files (SplitInfo.filepaths, decoded by the builder's features): O(1)
+              resume. ArrayRecord-format datasets and split expressions ('train[:90%]') keep the
+              tf.data path: each host reads its `tfds.split_for_jax_process` share, a pure function of
+              (seed, process_index, process_count), and resuming skips start_step * b records before
+              decoding: exact, but O(steps) reads.
 
 TensorFlow and TFDS are imported inside the tfds/tfrecord branches only (tfrecord: only to parse
 tf.train.Example), and TensorFlow is kept off the GPUs, so models and samplers run where TensorFlow is absent.
@@ -198,7 +200,12 @@ def make_iterator(config, *, global_batch: int, process_index: int = 0, process_
         return _background(batches, int(config.data.get("prefetch", 2)))
     if source == "tfds":
         tf = _import_tf()
-        ds = _tfds_examples(tf, config, process_index, process_count)
+        builder = _tfds_builder(tf, config, process_count)
+        indexed = _tfds_indexed(builder, config)
+        if indexed is not None:
+            batches = _indexed_batches(*indexed, config, sizes, global_batch, per_host, process_index, start_step)
+            return _background(batches, int(config.data.get("prefetch", 2)))
+        ds = _tfds_examples(tf, builder, config, process_index, process_count)
         return _tf_batches(tf, ds, config, sizes, per_host, process_index, process_count, start_step)
     raise DatasetError(f"unknown config.data.source {source!r}; expected 'shapes', 'tfds' or 'tfrecord'")
 
@@ -309,8 +316,8 @@ def _skip_image_decoding(features, key: str):
     return decoder
 
 
-def _tfds_examples(tf, config, process_index, process_count):
-    """This host's share of a TFDS split as (image bytes or uint8, captions) records, one epoch."""
+def _tfds_builder(tf, config, process_count):
+    """The prepared TFDS builder of config.data, its split and features checked."""
     import tensorflow_datasets as tfds
     data = config.data
     name, data_dir = data.name, data.data_dir or None
@@ -338,6 +345,13 @@ def _tfds_examples(tf, config, process_index, process_count):
         if key and _feature_at(builder.info.features, key) is None:
             raise DatasetError(f"TFDS dataset {name!r} has no feature config.data.{what}={key!r}; "
                                f"features are {sorted(builder.info.features.keys())}")
+    return builder
+
+
+def _tfds_examples(tf, builder, config, process_index, process_count):
+    """This host's share of a TFDS split as (image bytes or uint8, captions) records, one epoch."""
+    import tensorflow_datasets as tfds
+    data = config.data
     host_split = tfds.split_for_jax_process(data.split, process_index=process_index,
                                             process_count=process_count, drop_remainder=True)
     ds = builder.as_dataset(
@@ -381,16 +395,32 @@ def tfrecord_positions(n, step, global_batch, per_host, process_index, seed, shu
     return out, g
 
 
-def _tfrecord_batches(config, sizes: StageSizes, global_batch, per_host, process_index, start_step):
-    from concurrent.futures import ThreadPoolExecutor
+def _tfds_indexed(builder, config):
+    """(RecordSource, parse) over a prepared TFDS split stored as TFRecord, or None (ArrayRecord files, or a
+    split expression like 'train[:90%]': those keep the tf.data path, which resumes by skipping)."""
+    import tensorflow_datasets as tfds
+    split = config.data.split
+    if builder.info.file_format != tfds.core.FileFormat.TFRECORD or split not in builder.info.splits:
+        return None
+    files = [str(f) for f in builder.info.splits[split].filepaths]
+    features, image_key, caption_key = builder.info.features, config.data.image_key, config.data.caption_key
+    decoders = _skip_image_decoding(features, image_key)
 
+    def parse(raw):
+        ex = features.deserialize_example_np(raw, decoders=decoders)
+        captions = _get(ex, caption_key) if caption_key else b""
+        return _get(ex, image_key), np.asarray(captions, dtype=object), {}
+
+    return records.RecordSource(files), parse
+
+
+def _tfrecord_batches(config, sizes: StageSizes, global_batch, per_host, process_index, start_step):
     try:
         from tensorflow.core.example import example_pb2  # the tf.train.Example message; no tf.data
     except ImportError as e:
         raise ImportError("config.data.source 'tfrecord' needs TensorFlow to parse tf.train.Example "
                           "(pip install tensorflow-cpu); 'shapes' does not") from e
 
-    seed = int(config.seed)
     source = records.RecordSource(_tfrecord_files(config.data.files))
     n = len(source)
     if n == 0:
@@ -405,21 +435,37 @@ def _tfrecord_batches(config, sizes: StageSizes, global_batch, per_host, process
             raise DatasetError(f"{source.files[0]}: an 'embedding' feature needs a 'mask' feature ([L] ints)")
         length = len(first["mask"].int64_list.value)
         shape = (length, len(first["embedding"].float_list.value) // max(length, 1))
+
+    def parse(raw):
+        f = example_pb2.Example.FromString(raw).features.feature
+        extra = {}
+        if shape is not None:
+            extra["embeddings"] = np.asarray(f["embedding"].float_list.value, np.float32).reshape(shape)
+            extra["mask"] = np.asarray(f["mask"].int64_list.value).astype(bool)
+        return f["image"].bytes_list.value[0], np.array(list(f["caption"].bytes_list.value), dtype=object), extra
+
+    return _indexed_batches(source, parse, config, sizes, global_batch, per_host, process_index, start_step)
+
+
+def _indexed_batches(source, parse, config, sizes: StageSizes, global_batch, per_host, process_index, start_step):
+    """Batches of the global stream over a random-access source (see the module docstring)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seed, n = int(config.seed), len(source)
+    if n == 0:
+        raise DatasetError(f"the input files hold no records ({source.files[:1]}...)")
     shuffle = int(config.data.get("shuffle_buffer", 10_000)) > 1
 
     def example(index, position):
-        f = example_pb2.Example.FromString(source.read(int(index))).features.feature
+        image, captions, extra = parse(source.read(int(index)))
         # Seeded by the global position: the same example whatever the host count or restart.
         rng = np.random.default_rng([seed, int(position), _CROP_STREAM])
-        captions = np.array(list(f["caption"].bytes_list.value), dtype=object)
         caption = _choose_caption(captions, rng)
-        hi, low = _stage_arrays(_decode(f["image"].bytes_list.value[0], sizes.source_size), sizes, rng)
-        out = {"image": hi, "captions": caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)}
+        hi, low = _stage_arrays(_decode(image, sizes.source_size), sizes, rng)
+        out = {"image": hi, "captions": caption.decode("utf-8") if isinstance(caption, bytes) else str(caption),
+               **extra}
         if low is not None:
             out["lowres"] = low
-        if shape is not None:
-            out["embeddings"] = np.asarray(f["embedding"].float_list.value, np.float32).reshape(shape)
-            out["mask"] = np.asarray(f["mask"].int64_list.value).astype(bool)
         return out
 
     def batches():  # a generator of its own: the checks above run when make_iterator is called
