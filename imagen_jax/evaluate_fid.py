@@ -38,15 +38,23 @@ def _floats(text):
 
 def parse_args(argv):
     p = cli.ArgumentParser(prog="python -m imagen_jax.evaluate_fid", description=__doc__.split("\n")[0])
-    p.add_argument("--stages", required=True,
+    p.add_argument("--stages", default=None,
                    help="Comma-separated stage directories (workdirs, bundles or DeepFloyd IF diffusers "
                         "pipeline directories), base first.")
+    p.add_argument("--images", default=None,
+                   help="Instead of --stages: a folder of images (.png/.jpg) to score, no model.")
     p.add_argument("--inception", required=True, help="pytorch-fid's FID Inception weights (.pth) or a converted .npz.")
     p.add_argument("--inception_sha256", default=None,
                    help="Accept Inception weights with this SHA-256 ('any': every file; default: pytorch-fid's "
                         "release file only).")
-    p.add_argument("--coco", required=True,
-                   help="'tfds', 'tfds:NAME' or a COCO directory (captions_val2014.json + val2014/).")
+    p.add_argument("--coco", default=None,
+                   help="'tfds', 'tfds:NAME' or a COCO directory (captions_val2014.json + val2014/); "
+                        "needed unless --images with --reference_stats.")
+    p.add_argument("--reference_stats", default=None,
+                   help="Precomputed reference statistics (.npz with mu, sigma: pytorch-fid --save-stats, "
+                        "clean-fid) instead of computing them from --coco (no KID then).")
+    p.add_argument("--distinct_images", action="store_true",
+                   help="Captions of num_samples distinct COCO images (one each), not num_samples captions.")
     p.add_argument("--workdir", required=True, help="Output directory EVAL_DIR (created; resumed if present).")
     p.add_argument("--num_samples", type=int, default=30000,
                    help="Captions (one image each) of the main run; 0: sweep only.")
@@ -91,7 +99,11 @@ def parse_args(argv):
     p.add_argument("--clip_batch", type=int, default=32, help="Images per CLIP batch.")
     p.add_argument("--quiet", action="store_true", help="No progress bar.")
     args = p.parse_args(argv)
-    if args.num_samples == 0 and not args.sweep:
+    if (args.stages is None) == (args.images is None):
+        p.error("give --stages (a cascade to sample) or --images (a folder of images), not both or neither")
+    if args.coco is None and not (args.images and args.reference_stats):
+        p.error("--coco is required (captions and reference images), unless --images with --reference_stats")
+    if args.images is None and args.num_samples == 0 and not args.sweep:
         p.error("--num_samples 0 needs --sweep (nothing to evaluate)")
     if args.sweep and args.sweep_samples < 2:
         p.error("--sweep_samples must be >= 2")
@@ -108,13 +120,13 @@ def run(args, log=print):
     from imagen_jax.evaluation import inception, protocol
     from imagen_jax.sampling import StageConditioner, settings_for
 
-    coco_source = TFDS_DEFAULT if args.coco == "tfds" else args.coco
-    proto = protocol.Protocol(
+    coco_source = TFDS_DEFAULT if args.coco == "tfds" else (args.coco or "none")
+    proto = protocol.Protocol(reference_stats=args.reference_stats, distinct_images=args.distinct_images,
         coco=coco_source, num_samples=args.num_samples, caption_seed=args.caption_seed, seed=args.seed,
         shard_size=args.shard_size, batch_size=args.batch_size, resolution=args.resolution,
         reference_count=args.reference_count, inception_batch=args.inception_batch,
         save_images=args.save_images, tfds_data_dir=args.tfds_data_dir)
-    if not coco_source.startswith("tfds:") and not os.path.isdir(coco_source):
+    if args.coco is not None and not coco_source.startswith("tfds:") and not os.path.isdir(coco_source):
         raise protocol.ProtocolError(f"--coco {coco_source!r} is not a directory (nor 'tfds' / 'tfds:NAME')")
     cache_dir = os.path.abspath(args.cache_dir or os.path.join(args.workdir, "cache"))
 
@@ -125,6 +137,12 @@ def run(args, log=print):
     weights_sha256 = inception.check_sha256(args.inception, args.inception_sha256 or inception.WEIGHTS_SHA256)
     params = inception.load(args.inception, cache_path=os.path.join(cache_dir, "fid_inception.npz"))
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    if args.images is not None:  # a folder of images: no model, no captions
+        evaluator = protocol.Evaluator(args.workdir, proto, samplers=[], cond=None, inception_params=params,
+                                       mesh=mesh, cache_dir=cache_dir, progress=not args.quiet, log=log)
+        return {"fid": evaluator.evaluate_folder(args.images, {
+            "inception_weights": os.path.abspath(args.inception), "inception_sha256": weights_sha256,
+            "command": "python -m imagen_jax.evaluate_fid " + " ".join(args.argv)}), "sweep": None}
     stage_dirs = [d for d in args.stages.split(",") if d.strip()]
     stages = [cascade.load_stage(d, mesh, accept_license=args.accept_license, dtype=getattr(args, "dtype", None))
               for d in stage_dirs]

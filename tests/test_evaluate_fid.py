@@ -143,7 +143,7 @@ def test_end_to_end_resume_and_sweep(env, tmp_path, monkeypatch, capsys):
     # --- 1: interrupted once its first shard is written ---
     def write_then_stop(self, index, features):
         path = original_write(self, index, features)
-        if self.dim == inception.FEATURE_DIM:
+        if self.dim == inception.FEATURE_DIM and not self.workdir.endswith("_features"):  # not the reference's
             written.append(index)
             raise Interrupted
         return path
@@ -157,16 +157,18 @@ def test_end_to_end_resume_and_sweep(env, tmp_path, monkeypatch, capsys):
     # --- 2: rerun: resumes (computes only shard 1), then sweeps two guidance weights ---
     written.clear()
     monkeypatch.setattr(FeatureStore, "write", lambda self, i, f: (
-        written.append(i) if self.dim == inception.FEATURE_DIM else None) or original_write(self, i, f))
+        written.append(i) if self.dim == inception.FEATURE_DIM and not self.workdir.endswith("_features") else None)
+        or original_write(self, i, f))
     seeds, instances = [], []
     original_generate, original_init = protocol.Evaluator.generate, cascade.StageSampler.__init__
     monkeypatch.setattr(protocol.Evaluator, "generate",
-                        lambda self, texts, seed: seeds.append(seed) or original_generate(self, texts, seed))
+                        lambda self, texts, seed, ids=None: seeds.append((seed, list(ids))) or
+                        original_generate(self, texts, seed, ids))
     monkeypatch.setattr(cascade.StageSampler, "__init__",
                         lambda self, *a, **k: instances.append(self) or original_init(self, *a, **k))
     assert evaluate_fid.main(_argv(env, a, *flags, "--sweep", "1,4", "--sweep_samples", "4")) == 0
     assert written == [1, 0, 0]  # the main run's missing shard, then one shard per weight
-    assert seeds == [protocol.shard_seed(3, 1)] + [protocol.shard_seed(3, 0)] * 2
+    assert seeds == [(3, [4, 5, 6, 7])] + [(3, [0, 1, 2, 3])] * 2  # noise keyed by caption index
     assert (a / "samples" / "shard-00000.npy").stat().st_mtime_ns == first
     # One compiled program per stage, reused across the sweep (guidance is traced).
     assert len(instances) == 2 and [s._fn._cache_size() for s in instances] == [1, 1]
@@ -213,6 +215,14 @@ def test_end_to_end_resume_and_sweep(env, tmp_path, monkeypatch, capsys):
     assert table[3] in capsys.readouterr().out  # printed too
     plot = np.asarray(Image.open(a / "sweep.png").convert("L"))
     assert plot.shape == (420, 1120) and (plot < 128).mean() > 0.002
+    svg = (a / "sweep.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "w=4" in svg  # vector, labelled
+    # KID beside FID: the same features against the kept reference features, unbiased estimator.
+    ref_feats = FeatureStore(coco.reference_features_dir(rec["reference"]["statistics_file"]), 6, 1000).concatenate()
+    assert rec["kid"]["mean"] == pytest.approx(fid.kernel_inception_distance(feats, ref_feats)[0], rel=1e-12)
+    assert rec["kid"]["std"] >= 0 and rec["kid"]["subset_size"] == 6
+    assert rec["zero_shot"] is True and rec["protocol"].startswith("zero-shot")
+    assert rec["generation"]["noise"] == protocol.NOISE_SCHEME and "batch_size" not in run_file
 
     # --- 3: rerun: nothing sampled, reference statistics read from the cache ---
     def no_reference_images(*args, **kwargs):
@@ -222,6 +232,16 @@ def test_end_to_end_resume_and_sweep(env, tmp_path, monkeypatch, capsys):
     again = json.loads((a / "fid.json").read_text())
     assert again["shards_computed"] == 0 and again["fid"] == rec["fid"]
     assert again["clip_score"] == rec["clip_score"]
+    # --clip added to a finished run: scored from the stored image shards, nothing sampled.
+    import shutil
+    shutil.rmtree(a / "samples" / "clip")
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again")
+    monkeypatch.setattr(protocol.Evaluator, "generate", no_sampling)
+    assert evaluate_fid.main(_argv(env, a, *flags)) == 0
+    rescored = json.loads((a / "fid.json").read_text())
+    assert rescored["clip_score"] == pytest.approx(rec["clip_score"], rel=1e-6) and rescored["fid"] == rec["fid"]
     # ... but other settings in the same directory are refused; no CLIP is a message, not an error.
     assert evaluate_fid.main(_argv(env, a, "--seed", "4")) == 1
     out = capsys.readouterr()
@@ -232,18 +252,16 @@ def test_sweep_plot_without_clip(tmp_path):
     rows = [{"guidance": w, "fid": f, "clip_score": None, "num_samples": 10}
             for w, f in [(1, 30.0), (3, 18.5), (8, 25.0)]]
     protocol.plot_sweep(rows, str(tmp_path / "p.png"), title="t")
-    assert Image.open(tmp_path / "p.png").size == (560, 420)
+    assert Image.open(tmp_path / "p.png").size == (560, 420) and (tmp_path / "p.svg").exists()
     assert protocol.sweep_table(rows).splitlines()[3] == "| 3 | 18.500 | - | 10 |"
 
 
-def test_resize_and_shard_seed():
+def test_resize():
     x = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     y = protocol.resize(x, 32)
     assert y.shape == (2, 32, 32, 3) and y.dtype == np.uint8
     np.testing.assert_array_equal(y[1], np.asarray(Image.fromarray(x[1]).resize((32, 32), Image.BICUBIC)))
     assert protocol.resize(x, 64) is x
-    seeds = {protocol.shard_seed(s, i) for s in range(3) for i in range(100)}
-    assert len(seeds) == 300 and all(0 <= s < 2 ** 31 for s in seeds)
 
 
 def _bad_cases(env, tmp_path):
@@ -275,3 +293,77 @@ def test_bad_input(env, tmp_path, capsys):
     # Flag errors: argparse's message and status 2.
     assert evaluate_fid.main(_argv(env, tmp_path / "w", "--num_samples", "0")) == 2
     assert "needs --sweep" in capsys.readouterr().err
+
+
+def test_folder_of_images_and_precomputed_statistics(env, tmp_path, capsys):
+    """One command scores a folder (no model): the reference images themselves give FID ~0; the
+    same folder against the statistics .npz that run cached (as pytorch-fid --save-stats writes
+    mu/sigma) gives the same FID, and records that no KID was possible."""
+    folder = os.path.join(env["coco"], "val2014")
+    base = ["--inception", env["weights"], "--inception_sha256", "any", "--resolution", str(RES),
+            "--inception_batch", "8", "--quiet", "--images", folder]
+    assert evaluate_fid.main([*base, "--coco", env["coco"], "--workdir", str(tmp_path / "f1")]) == 0
+    rec = json.loads((tmp_path / "f1" / "fid.json").read_text())
+    assert rec["num_samples"] == 6 and abs(rec["fid"]) < 1e-3 and np.isfinite(rec["kid"]["mean"])
+    assert f"FID {rec['fid']:.3f} on 6 samples" in capsys.readouterr().out
+    stats = rec["reference"]["statistics_file"]
+    assert evaluate_fid.main([*base, "--reference_stats", stats, "--workdir", str(tmp_path / "f2")]) == 0
+    rec2 = json.loads((tmp_path / "f2" / "fid.json").read_text())
+    assert rec2["fid"] == pytest.approx(rec["fid"], abs=1e-9) and rec2["kid"] is None
+    assert rec2["reference"]["precomputed"] is True and len(rec2["reference"]["sha256"]) == 64
+    # Bad input: both or neither of --stages/--images, a folder without images, a bad .npz.
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    bad_npz = tmp_path / "bad.npz"
+    np.savez(bad_npz, mu=np.zeros(3), sigma=np.eye(3))
+    cases = [([*base, "--stages", env["base"], "--coco", env["coco"]], 2, "not both or neither"),
+             ([*base[:-2], "--coco", env["coco"]], 2, "not both or neither"),
+             ([*base[:-1], str(empty), "--coco", env["coco"]], 1, "holds 0 images"),
+             ([*base, "--reference_stats", str(bad_npz)], 1, "3-dim statistics"),
+             ([*base], 2, "--coco is required")]
+    for argv, rc, message in cases:
+        assert evaluate_fid.main([*argv, "--workdir", str(tmp_path / "bad")]) == rc, message
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad" / "fid.json").exists()
+
+
+def test_reference_pass_resumes(env, tmp_path, monkeypatch):
+    """The reference statistics are made shard by shard: an interrupted pass keeps its finished
+    shards and the rerun computes only the rest, giving the uninterrupted statistics."""
+    params = inception.load(env["weights"], cache_path=str(tmp_path / "w.npz"))
+    kw = dict(size=RES, batch_size=8, shard_size=4)
+    mu, sigma = coco.reference_statistics(env["coco"], params, tmp_path / "whole", **kw)
+    original = FeatureStore.write
+    calls = []
+
+    def write_once(self, index, features):
+        calls.append(index)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, index, features)
+    monkeypatch.setattr(FeatureStore, "write", write_once)
+    with pytest.raises(KeyboardInterrupt):
+        coco.reference_statistics(env["coco"], params, tmp_path / "part", **kw)
+    calls.clear()
+    monkeypatch.setattr(FeatureStore, "write", lambda self, i, f: calls.append(i) or original(self, i, f))
+    mu2, sigma2 = coco.reference_statistics(env["coco"], params, tmp_path / "part", **kw)
+    assert calls == [1]  # shard 0 was kept
+    np.testing.assert_allclose(mu2, mu, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sigma2, sigma, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_shot_only_when_not_trained_on_coco(tmp_path):
+    from types import SimpleNamespace
+    from ml_collections import ConfigDict
+
+    def evaluator(name):
+        stage = SimpleNamespace(config=ConfigDict({"data": {"name": name, "files": "", "data_dir": ""}}),
+                                source="/x/" + (name or "shapes"))
+        ev = protocol.Evaluator.__new__(protocol.Evaluator)
+        ev.samplers = [SimpleNamespace(stage=stage)]
+        return ev
+    assert evaluator("").zero_shot()["zero_shot"] is True
+    rec = evaluator("coco_captions").zero_shot()
+    assert rec["zero_shot"] is False and "not zero-shot" in rec["protocol"]
+    assert rec["trained_on_coco"] == [os.path.abspath("/x/coco_captions")]

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax.diffusion import keys
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "linspace", "trailing")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
@@ -263,7 +265,7 @@ def sample_loop(denoise_fn, x_init, schedule: DiscreteSchedule, *, num_steps, sa
         elif rng is None:  # no step draws noise
             z = jnp.zeros(x.shape, jnp.float32)
         else:
-            z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32)
+            z = keys.normal(keys.fold_in(rng, i), x.shape)  # rng: one key, or one per example
         if sampler == "ddpm":
             x = ddpm_step(schedule, out, t, p, x, z)
         else:

@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.diffusion import predictions, schedules, thresholding as thresholding_lib
+from imagen_jax.diffusion import keys, predictions, schedules, thresholding as thresholding_lib
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -60,7 +60,7 @@ def sample_loop(denoise_fn, x_init, rng, *, schedule="cosine", sampler="ddim", n
         var = one_minus_r * s_s**2  # DDPM posterior variance
         # sigma^2_{t|s} = one_minus_r * s_t^2 shares the factor one_minus_r with the posterior.
         ddpm_var = one_minus_r * (s_s**2) ** (1.0 - gamma) * (s_t**2) ** gamma
-        z = jax.random.normal(jax.random.fold_in(rng, i), x_t.shape, jnp.float32)
+        z = keys.normal(keys.fold_in(rng, i), x_t.shape)  # rng: one key, or one per example
         if sampler == "ddpm":
             mean = (1.0 - one_minus_r) * (a_s / a_t) * x_t + one_minus_r * a_s * x0
             x_s = mean + jnp.sqrt(ddpm_var) * z

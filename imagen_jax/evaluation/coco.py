@@ -316,6 +316,14 @@ def _canonical_source(source) -> str:
     return source if _is_tfds(source) else os.path.abspath(os.fspath(source))
 
 
+REFERENCE_SHARD = 1000  # reference images per resumable feature shard
+
+
+def reference_features_dir(cache_file) -> str:
+    """Where `reference_statistics` keeps the features behind a statistics file (for KID, resuming)."""
+    return os.fspath(cache_file)[:-len(".npz")] + "_features"
+
+
 def reference_cache_file(cache_path, source, count: int | None, size: int, seed: int, params) -> tuple[str, dict]:
     """(file, key): where `reference_statistics` caches, and the key stored in it."""
     key = {
@@ -339,14 +347,19 @@ def reference_statistics(
     batch_size: int = 50,
     data_dir: str | None = None,
     mesh=None,
+    progress: bool = False,
+    shard_size: int = REFERENCE_SHARD,
 ) -> tuple[np.ndarray, np.ndarray]:
     """FID statistics (mu [2048], sigma [2048, 2048], float64) of COCO val2014 images.
 
     Computed once and cached under the directory `cache_path`, in a file keyed
     by source, count, size, seed and the Inception weights. count=None uses
     every image; a count larger than the source holds raises ValueError.
+    The features are kept beside it (`reference_features_dir`, shards of `shard_size`
+    images, for KID), and an interrupted pass resumes from its finished shards.
     """
     from imagen_jax.evaluation import fid, inception
+    from imagen_jax.evaluation.features import FeatureStore
 
     cache_file, key = reference_cache_file(cache_path, source, count, size, seed, params)
     if os.path.isfile(cache_file):
@@ -355,19 +368,45 @@ def reference_statistics(
     ids = select_reference_ids(all_ids, count, seed, source)  # fails fast if too few
     # Place the weights once; `features` then finds them already on device.
     import jax
+    from tqdm import tqdm
 
     replicated = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
                   if mesh is not None else None)
     params = jax.device_put(params, replicated)
-    feats = [
-        inception.features(params, batch, batch_size=batch_size, mesh=mesh)
-        for batch in _batches(
-            iter_reference_images(source, size, image_ids=ids, data_dir=data_dir), batch_size)
-    ]
-    feats = np.concatenate(feats, axis=0) if feats else np.zeros((0, inception.FEATURE_DIM), np.float32)
-    if feats.shape[0] != len(ids):
-        raise ValueError(
-            f"COCO source {source!r} yielded {feats.shape[0]} reference images, expected {len(ids)}")
+    store = FeatureStore(reference_features_dir(cache_file), len(ids), shard_size, inception.FEATURE_DIM)
+    missing = set(store.missing())
+    done = len(ids) - sum(b - a for a, b in map(store.shard_range, missing))
+    bar = tqdm(total=len(ids), initial=done, desc="reference images", unit="img", disable=not progress)
+
+    def finish(index, images):
+        feats = np.concatenate([inception.features(params, b, batch_size=batch_size, mesh=mesh)
+                                for b in _batches(iter(images), batch_size)])
+        store.write(index, feats)
+        bar.update(len(images))
+
+    if _is_tfds(source):  # one pass in the dataset's order; finished shards' images are skipped
+        buf, pos = [], 0
+        for image in iter_reference_images(source, size, image_ids=ids, data_dir=data_dir):
+            index = pos // shard_size
+            pos += 1
+            if index in missing:
+                buf.append(image)
+                if len(buf) == store.shard_range(index)[1] - store.shard_range(index)[0]:
+                    finish(index, buf)
+                    buf = []
+        if pos != len(ids):
+            raise ValueError(f"COCO source {source!r} yielded {pos} reference images, expected {len(ids)}")
+    else:  # directory: id order, so each missing shard reads only its own files
+        order = sorted(int(i) for i in ids)
+        for index in sorted(missing):
+            a, b = store.shard_range(index)
+            images = list(iter_reference_images(source, size, image_ids=order[a:b], data_dir=data_dir))
+            if len(images) != b - a:
+                raise ValueError(f"COCO source {source!r} yielded {len(images)} reference images "
+                                 f"for shard {index}, expected {b - a}")
+            finish(index, images)
+    bar.close()
+    feats = store.concatenate()
     mu, sigma = fid.statistics(feats)
     fid.save_statistics(cache_file, mu, sigma, meta={**key, "num_images": len(ids)})
     return mu, sigma

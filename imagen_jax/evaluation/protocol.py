@@ -17,11 +17,15 @@ The protocol (COCO FID-30K of Imagen, Saharia et al. 2022, as in GLIDE and DALL-
   embedding of its caption), from a local Hugging Face CLIP model (not clamped at 0).
 
 Resuming: samples are made shard by shard (`FeatureStore`): shard i holds the features of
-captions [i * shard_size, (i + 1) * shard_size), is generated with the seed
-`shard_seed(seed, i)`, and is written atomically once its images, features (and CLIP scores)
-are done. A rerun computes only the missing shards; with the same devices and batch size its
-images are those an uninterrupted run would have made. Each samples directory keeps a run.json
-of everything that decides its images and features; a rerun with other settings is refused.
+captions [i * shard_size, (i + 1) * shard_size) and is written atomically once its images,
+features (and CLIP scores) are done. Caption n's noise comes from its own key (seed, stage, n)
+(`cascade.run_cascade`'s image_ids), so a rerun computes only the missing shards and, with any
+batch size or device count, makes the images an uninterrupted run would have made. Each
+shard's uint8 images are kept (samples/image_shards/, R*R*3 bytes an image: 5.9 GB for 30K at
+256), so adding --clip to a finished run scores the stored images instead of sampling again.
+Each samples directory keeps a run.json of everything that decides its images and features
+(captions, seed, noise scheme, stages and their settings, resolution, Inception weights); a
+rerun with other settings is refused, naming them. Batch sizes are not among them.
 
 EVAL_DIR layout:
   captions.json                 the caption draw (seed, indices, texts)
@@ -30,7 +34,7 @@ EVAL_DIR layout:
   fid.json                      FID, CLIP score, every setting and seed, software versions
   sweep/captions.json           the sweep's caption draw (same seed, sweep_samples captions)
   sweep/guidance_<w>/           feature shards per guidance weight
-  sweep.json, sweep.md, sweep.png   the sweep: table and plot of FID (and CLIP) vs guidance
+  sweep.json, sweep.md, sweep.png, sweep.svg   the sweep: table and plot of FID (and CLIP) vs guidance
 
 Single host: every local device samples, this process writes the files.
 """
@@ -49,12 +53,13 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from imagen_jax import cascade, parallel
 from imagen_jax.evaluation import coco, fid, inception
 from imagen_jax.evaluation.features import FeatureStore
 
+NOISE_SCHEME = "per image: keys.per_image(seed, stage, caption index)"
 RESIZE_FILTER = "PIL BICUBIC (antialiased when shrinking), the reference images' filter"
 VERSION_PACKAGES = ("jax", "jaxlib", "flax", "numpy", "scipy", "pillow", "orbax-checkpoint",
                     "torch", "transformers", "tensorflow-datasets")
@@ -71,7 +76,7 @@ class Protocol:
     coco: str                      # a COCO directory or 'tfds:coco_captions' (see coco.py)
     num_samples: int = 30000       # captions (one image each) of the main run; 0 = sweep only
     caption_seed: int = 0          # caption draw (and reference subset, with reference_count)
-    seed: int = 0                  # sampling noise; shard i uses shard_seed(seed, i)
+    seed: int = 0                  # sampling noise; image i's noise is keyed by (seed, i)
     shard_size: int = 1000         # images per resumable shard
     batch_size: int = 0            # images per sampling batch (0: cascade.run_cascade's default)
     resolution: int = 256          # side of the images compared (reference and samples)
@@ -79,6 +84,8 @@ class Protocol:
     inception_batch: int = 50      # images per Inception batch (rounded up to the device count)
     save_images: bool = False      # also write each sample as a PNG
     tfds_data_dir: str | None = None
+    distinct_images: bool = False  # captions of n distinct images (one caption each), not n captions
+    reference_stats: str | None = None  # precomputed pytorch-fid / clean-fid .npz (mu, sigma) instead
 
     def __post_init__(self):
         if self.num_samples < 0:
@@ -91,11 +98,6 @@ class Protocol:
         if self.reference_count is not None and self.reference_count < 2:
             raise ProtocolError(f"reference_count must be >= 2 (a covariance needs two images), "
                                 f"got {self.reference_count}")
-
-
-def shard_seed(seed: int, index: int) -> int:
-    """The sampling seed of shard `index`: SeedSequence([seed, index]) -> 31-bit int."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -135,6 +137,12 @@ def _write_json(path: str, data: Any) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _atomic_npy(path: str, array: np.ndarray) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    np.save(tmp, np.asarray(array), allow_pickle=False)
     os.replace(tmp, path)
 
 
@@ -239,6 +247,7 @@ class Evaluator:
         self.inception_params = jax.device_put(inception_params, parallel.replicated(mesh))
         self._captions: list[coco.Caption] | None = None
         self._reference = None
+        self._reference_features = None
         self._inception_id = None
 
     # -- inputs ------------------------------------------------------------------
@@ -256,7 +265,8 @@ class Evaluator:
         if n > len(caps):
             raise ProtocolError(f"asked for {n} captions, but COCO source {self.protocol.coco!r} "
                                 f"has only {len(caps)}")
-        sample = coco.sample_captions(caps, n, self.protocol.caption_seed)
+        sample = coco.sample_captions(caps, n, self.protocol.caption_seed,
+                                      distinct_images=self.protocol.distinct_images)
         if os.path.exists(path):
             if coco.CaptionSample.load(path) != sample:
                 raise ProtocolError(f"{path} holds another caption draw (other seed, count or COCO "
@@ -276,6 +286,22 @@ class Evaluator:
 
     def reference(self) -> tuple[np.ndarray, np.ndarray, dict]:
         """(mu, sigma, info) of the reference images; computed once, then read from the cache."""
+        if self._reference is None and self.protocol.reference_stats:
+            path = self.protocol.reference_stats
+            try:
+                mu, sigma = fid.load_statistics(path)
+            except (OSError, ValueError) as e:
+                raise ProtocolError(f"--reference_stats {path}: {e}") from None
+            if mu.shape != (inception.FEATURE_DIM,):
+                raise ProtocolError(f"--reference_stats {path} holds {mu.shape[0]}-dim statistics, "
+                                    f"expected the FID Inception's {inception.FEATURE_DIM}")
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            self._reference = (mu, sigma, {
+                "statistics_file": os.path.abspath(path), "sha256": digest, "precomputed": True,
+                "note": "precomputed statistics (pytorch-fid --save-stats / clean-fid): their images and "
+                        "resizing are whatever made them, not this protocol's; no KID (needs features)"})
+            self._reference_features = None
         if self._reference is None:
             p = self.protocol
             path, _ = coco.reference_cache_file(self.cache_dir, p.coco, p.reference_count, p.resolution,
@@ -287,7 +313,7 @@ class Evaluator:
             mu, sigma = coco.reference_statistics(
                 p.coco, self.inception_params, self.cache_dir, count=p.reference_count,
                 size=p.resolution, seed=p.caption_seed, batch_size=p.inception_batch,
-                data_dir=p.tfds_data_dir, mesh=self.mesh)
+                data_dir=p.tfds_data_dir, mesh=self.mesh, progress=self.progress)
             meta = fid.load_statistics_meta(path)
             info = {"source": p.coco, "num_images": int(meta.get("num_images", -1)),
                     "count": "all" if p.reference_count is None else p.reference_count,
@@ -297,6 +323,21 @@ class Evaluator:
             self._reference = (mu, sigma, info)
         return self._reference
 
+    def reference_features(self) -> np.ndarray | None:
+        """The reference images' features [M, 2048] (for KID); None for precomputed statistics or a
+        cache made before features were kept."""
+        if self._reference_features is None and not self.protocol.reference_stats:
+            cache_file = self.reference()[2]["statistics_file"]
+            d = coco.reference_features_dir(cache_file)
+            store_file = os.path.join(d, "store.json")
+            if os.path.exists(store_file):
+                with open(store_file) as f:
+                    layout = json.load(f)
+                store = FeatureStore(d, layout["total"], layout["shard_size"], layout["dim"])
+                if store.is_complete():
+                    self._reference_features = store.concatenate()
+        return self._reference_features
+
     # -- sampling -------------------------------------------------------------------
 
     def stage_records(self) -> list[dict]:
@@ -304,8 +345,9 @@ class Evaluator:
                  "resolution": int(s.stage.image_size), **dataclasses.asdict(s.settings)}
                 for s in self.samplers]
 
-    def generate(self, texts: Sequence[str], seed: int) -> np.ndarray:
-        """Captions -> uint8 [N, R, R, 3] at the evaluation resolution R, through the cascade."""
+    def generate(self, texts: Sequence[str], seed: int, ids: Sequence[int] | None = None) -> np.ndarray:
+        """Captions -> uint8 [N, R, R, 3] at the evaluation resolution R, through the cascade; the
+        noise of image n comes from (seed, ids[n]) alone (cascade.run_cascade's image_ids)."""
         chunk = max(self.protocol.batch_size, 64)
         embs, masks = [], []
         for start in range(0, len(texts), chunk):  # bounded text-encoder batches
@@ -318,7 +360,8 @@ class Evaluator:
         else:
             text, mask = np.concatenate(embs), np.concatenate(masks)
         outputs, _ = cascade.run_cascade(self.samplers, text, mask, seed,
-                                         batch_size=self.protocol.batch_size or None, log=None, progress=False)
+                                         batch_size=self.protocol.batch_size or None, log=None, progress=False,
+                                         image_ids=ids)
         return resize(outputs[-1], self.protocol.resolution)
 
     def sample_and_score(self, captions: coco.CaptionSample, directory: str, desc: str) -> dict:
@@ -330,7 +373,7 @@ class Evaluator:
         _check_run_file(directory, {
             "captions_seed": captions.seed, "num_captions": n, "coco": p.coco,
             "captions_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
-            "seed": p.seed, "shard_size": p.shard_size, "resolution": p.resolution,
+            "seed": p.seed, "noise": NOISE_SCHEME, "shard_size": p.shard_size, "resolution": p.resolution,
             "stages": self.stage_records(), "inception": self.inception_id()})
         store = FeatureStore(directory, n, p.shard_size, inception.FEATURE_DIM)
         clip_store = None
@@ -338,9 +381,17 @@ class Evaluator:
             clip_store = FeatureStore(os.path.join(directory, "clip"), n, p.shard_size, 1)
             _check_run_file(clip_store.workdir, {"clip": os.path.abspath(self.clip.source)})
         todo = sorted(set(store.missing()) | set(clip_store.missing() if clip_store else []))
-        done_images = n - sum(stop - start for start, stop in map(store.shard_range, todo))
-        if todo and done_images:
-            self.log(f"{desc}: resuming, {store.num_shards - len(todo)} of {store.num_shards} shards done")
+        shard_images = os.path.join(directory, "image_shards")
+        os.makedirs(shard_images, exist_ok=True)
+        image_file = lambda i: os.path.join(shard_images, f"shard-{i:05d}.npy")  # noqa: E731
+        # Shards whose features exist but lack a CLIP score are scored from their stored images.
+        rescore = [i for i in todo if i not in store.missing() and os.path.exists(image_file(i))]
+        sample = [i for i in todo if i not in rescore]
+        done_images = n - sum(stop - start for start, stop in map(store.shard_range, sample))
+        if sample and done_images:
+            self.log(f"{desc}: resuming, {store.num_shards - len(sample)} of {store.num_shards} shards sampled")
+        if rescore:
+            self.log(f"{desc}: CLIP score of {len(rescore)} stored shards (no new samples)")
         image_dir = os.path.join(directory, "images")
         if p.save_images:
             os.makedirs(image_dir, exist_ok=True)
@@ -349,9 +400,15 @@ class Evaluator:
         bar = tqdm(total=n, initial=done_images, desc=desc, unit="img", disable=not self.progress,
                    smoothing=0.1)
         t0, made = time.time(), 0
-        for index in todo:
+        for index in rescore:
             start, stop = store.shard_range(index)
-            images = self.generate(texts[start:stop], shard_seed(p.seed, index))
+            clip_store.write(index, self.clip(np.load(image_file(index), allow_pickle=False),
+                                              texts[start:stop])[:, None])
+        for index in sample:
+            start, stop = store.shard_range(index)
+            # Noise keyed by caption index: batch size, device count and shard order do not matter.
+            images = self.generate(texts[start:stop], p.seed, range(start, stop))
+            _atomic_npy(image_file(index), images)
             if p.save_images:
                 for i, img in zip(range(start, stop), images):
                     Image.fromarray(img).save(os.path.join(image_dir, f"{i:05d}.png"))
@@ -363,6 +420,7 @@ class Evaluator:
             made += stop - start
             bar.update(stop - start)
         bar.close()
+        todo = sample
         seconds = time.time() - t0
         return {"features": store.concatenate(),
                 "clip": clip_store.concatenate()[:, 0].astype(np.float64) if clip_store else None,
@@ -375,7 +433,14 @@ class Evaluator:
         mu, sigma, _ = self.reference()
         value = fid_to_reference(res["features"], mu, sigma)
         clip = None if res["clip"] is None else float(np.mean(res["clip"]))
-        return {"fid": float(value), "clip_score": clip, "num_samples": len(captions.captions),
+        kid = None
+        ref_features = self.reference_features()
+        if ref_features is not None:  # KID needs the features themselves, not just mu and sigma
+            kid_mean, kid_std = fid.kernel_inception_distance(res["features"], ref_features)
+            kid = {"mean": kid_mean, "std": kid_std, "num_subsets": 100,
+                   "subset_size": min(1000, len(res["features"]), len(ref_features)),
+                   "estimator": "unbiased MMD^2, kernel (x.y / 2048 + 1)^3 (fid.kernel_inception_distance)"}
+        return {"fid": float(value), "kid": kid, "clip_score": clip, "num_samples": len(captions.captions),
                 "shards_computed": len(res["shards_computed"]), "seconds": round(res["seconds"], 3),
                 "images_per_second": res["images_per_second"]}
 
@@ -384,12 +449,12 @@ class Evaluator:
         _, _, ref = self.reference()
         devices = jax.devices()
         return {
-            "protocol": "zero-shot FID, COCO 2014 val captions (Imagen COCO FID-30K)",
+            **self.zero_shot(),
             "resolution": p.resolution, "resize_filter": RESIZE_FILTER,
             "captions": {"source": p.coco, "seed": p.caption_seed,
                          "num_available": len(self.all_captions())},
             "reference": ref,
-            "generation": {"seed": p.seed, "shard_seed": "SeedSequence([seed, shard]) & 0x7fffffff",
+            "generation": {"seed": p.seed, "noise": NOISE_SCHEME,
                            "shard_size": p.shard_size, "batch_size": p.batch_size,
                            "stages": self.stage_records()},
             "inception": {"fingerprint": self.inception_id(), "batch_size": p.inception_batch},
@@ -400,7 +465,21 @@ class Evaluator:
             **(extra or {}),
         }
 
-    # -- the two results -------------------------------------------------------
+    def zero_shot(self) -> dict:
+        """'zero-shot' only when no stage was trained on COCO (a config whose data names coco)."""
+        trained = []
+        for s in self.samplers:
+            config = getattr(s.stage, "config", None)
+            data = config.get("data") if config is not None and hasattr(config, "get") else None
+            names = " ".join(str(data.get(k, "")) for k in ("name", "files", "data_dir")) if data else ""
+            if "coco" in names.lower():
+                trained.append(os.path.abspath(s.stage.source))
+        if trained:
+            return {"protocol": "FID, COCO 2014 val captions (not zero-shot: a stage was trained on COCO)",
+                    "zero_shot": False, "trained_on_coco": trained}
+        return {"protocol": "zero-shot FID, COCO 2014 val captions (Imagen COCO FID-30K)", "zero_shot": True}
+
+    # -- the two results ---
 
     def evaluate(self, extra: dict | None = None) -> dict:
         """The main run: FID of num_samples captions -> EVAL_DIR/fid.json (returned)."""
@@ -417,12 +496,68 @@ class Evaluator:
                  f"{os.path.join(self.workdir, 'fid.json')}")
         return record
 
+    def evaluate_folder(self, folder: str, extra: dict | None = None) -> dict:
+        """FID and KID of a folder of images (no model) -> EVAL_DIR/fid.json (returned). Every
+        .png/.jpg/.jpeg/.webp file, in name order, preprocessed like the reference images (RGB,
+        centre square crop, PIL BICUBIC to the resolution); features kept per shard (resumable)."""
+        p = self.protocol
+        if not os.path.isdir(folder):
+            raise ProtocolError(f"--images {folder!r} is not a directory")
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+        if len(files) < 2:
+            raise ProtocolError(f"--images {folder!r} holds {len(files)} images (.png/.jpg/.jpeg/.webp); "
+                                "FID needs at least 2")
+        directory = os.path.join(self.workdir, "folder")
+        _check_run_file(directory, {"folder": os.path.abspath(folder), "num_images": len(files),
+                                    "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
+                                    "shard_size": p.shard_size, "resolution": p.resolution,
+                                    "inception": self.inception_id()})
+        self.reference()
+        store = FeatureStore(directory, len(files), p.shard_size, inception.FEATURE_DIM)
+        from tqdm import tqdm
+
+        missing = store.missing()
+        bar = tqdm(total=len(files), initial=len(files) - sum(b - a for a, b in map(store.shard_range, missing)),
+                   desc="images", unit="img", disable=not self.progress)
+        for index in missing:
+            a, b = store.shard_range(index)
+            images = []
+            for name in files[a:b]:
+                try:
+                    with Image.open(os.path.join(folder, name)) as im:
+                        images.append(coco.preprocess_reference(im, p.resolution))
+                except OSError as e:
+                    raise ProtocolError(f"cannot read image {os.path.join(folder, name)}: {e}") from None
+            store.write(index, inception.features(self.inception_params, np.stack(images),
+                                                  batch_size=p.inception_batch, mesh=self.mesh))
+            bar.update(b - a)
+        bar.close()
+        feats = store.concatenate()
+        mu, sigma, ref = self.reference()
+        value = float(fid_to_reference(feats, mu, sigma))
+        kid = None
+        ref_features = self.reference_features()
+        if ref_features is not None:
+            kid_mean, kid_std = fid.kernel_inception_distance(feats, ref_features)
+            kid = {"mean": kid_mean, "std": kid_std, "num_subsets": 100,
+                   "subset_size": min(1000, len(feats), len(ref_features))}
+        devices = jax.devices()
+        record = {"fid": value, "kid": kid, "num_samples": len(files), "images": os.path.abspath(folder),
+                  "protocol": "FID of a folder of images against COCO val2014 (no model)",
+                  "preprocessing": coco.PREPROCESSING, "resolution": p.resolution, "reference": ref,
+                  "inception": {"fingerprint": self.inception_id(), "batch_size": p.inception_batch},
+                  "devices": {"count": len(devices), "kind": devices[0].device_kind},
+                  "versions": software_versions(), **(extra or {})}
+        _write_json(os.path.join(self.workdir, "fid.json"), record)
+        self.log(f"FID {value:.3f} on {len(files)} samples -> {os.path.join(self.workdir, 'fid.json')}")
+        return record
+
     def sweep(self, weights: Sequence[float], num_samples: int, extra: dict | None = None) -> dict:
         """FID (and CLIP score) per base-stage guidance weight on `num_samples` captions.
 
         The same captions and seeds for every weight (common random numbers: differences come
         from the weight). The compiled base sampler is reused: guidance is a traced input of its
-        program. Writes sweep.json, sweep.md and sweep.png under EVAL_DIR; returns the record.
+        program. Writes sweep.json, sweep.md, sweep.png and sweep.svg under EVAL_DIR; returns the record.
         """
         if not weights:
             raise ProtocolError("no guidance weights to sweep")
@@ -452,7 +587,8 @@ class Evaluator:
         table = sweep_table(rows)
         _write_text(os.path.join(self.workdir, "sweep.md"), table)
         plot_sweep(rows, os.path.join(self.workdir, "sweep.png"),
-                   title=f"zero-shot FID, COCO val2014, {num_samples} samples, {self.protocol.resolution}px")
+                   title=f"{'zero-shot ' if self.zero_shot()['zero_shot'] else ''}FID, COCO val2014, "
+                         f"{num_samples} samples, {self.protocol.resolution}px")
         self.log(table)
         return record
 
@@ -471,93 +607,42 @@ def sweep_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` round tick values covering [lo, hi]."""
-    if not hi > lo:
-        lo, hi = lo - 1.0, hi + 1.0
-    raw = (hi - lo) / count
-    mag = 10.0 ** math.floor(math.log10(raw))
-    step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        return ImageFont.load_default()
-
-
-def _panel(img: Image.Image, box: tuple[int, int, int, int], xs, ys, xlabel: str, ylabel: str,
-           labels: Sequence[str] | None = None) -> None:
-    """A line plot of ys against xs inside box = (left, top, right, bottom) of `img`."""
-    draw = ImageDraw.Draw(img)
-    small, big = _font(13), _font(15)
-    left, top, right, bottom = box
-    pts = [(float(x), float(y)) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)]
-    ax_l, ax_t, ax_r, ax_b = left + 70, top + 10, right - 10, bottom - 50
-    draw.rectangle((ax_l, ax_t, ax_r, ax_b), outline="black")
-    if not pts:
-        draw.text((ax_l + 10, ax_t + 10), "no finite values", fill="black", font=small)
-        return
-    lo_x, hi_x = min(p[0] for p in pts), max(p[0] for p in pts)
-    lo_y, hi_y = min(p[1] for p in pts), max(p[1] for p in pts)
-    pad_x = 0.05 * (hi_x - lo_x) or 0.5
-    pad_y = 0.08 * (hi_y - lo_y) or max(abs(hi_y) * 0.05, 0.5)
-    lo_x, hi_x, lo_y, hi_y = lo_x - pad_x, hi_x + pad_x, lo_y - pad_y, hi_y + pad_y
-
-    def to_px(x, y):
-        return (ax_l + (x - lo_x) / (hi_x - lo_x) * (ax_r - ax_l),
-                ax_b - (y - lo_y) / (hi_y - lo_y) * (ax_b - ax_t))
-
-    for t in _nice_ticks(lo_x, hi_x):
-        px = to_px(t, lo_y)[0]
-        draw.line((px, ax_b, px, ax_b + 5), fill="black")
-        draw.line((px, ax_t, px, ax_b), fill=(230, 230, 230))
-        draw.text((px, ax_b + 8), f"{t:g}", fill="black", font=small, anchor="mt")
-    for t in _nice_ticks(lo_y, hi_y):
-        py = to_px(lo_x, t)[1]
-        draw.line((ax_l - 5, py, ax_l, py), fill="black")
-        draw.line((ax_l, py, ax_r, py), fill=(230, 230, 230))
-        draw.text((ax_l - 8, py), f"{t:g}", fill="black", font=small, anchor="rm")
-    draw.rectangle((ax_l, ax_t, ax_r, ax_b), outline="black")
-    coords = [to_px(x, y) for x, y in pts]
-    if len(coords) > 1:
-        draw.line(coords, fill=(31, 119, 180), width=2)
-    for i, (px, py) in enumerate(coords):
-        draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=(31, 119, 180))
-        if labels:  # right of the point, or left of it where it would leave the axes
-            right_side = px + 6 + draw.textlength(labels[i], font=small) < ax_r
-            draw.text((px + 6 if right_side else px - 6, py - 6), labels[i], fill=(90, 90, 90), font=small,
-                      anchor="lb" if right_side else "rb")
-    draw.text(((ax_l + ax_r) / 2, bottom - 8), xlabel, fill="black", font=big, anchor="md")
-    # Vertical y label: drawn on its own strip, rotated, pasted left of the tick labels.
-    w = int(draw.textlength(ylabel, font=big)) + 4
-    strip = Image.new("RGB", (w, 20), "white")
-    ImageDraw.Draw(strip).text((2, 2), ylabel, fill="black", font=big)
-    strip = strip.rotate(90, expand=True)
-    img.paste(strip, (left + 4, int((ax_t + ax_b) / 2 - strip.height / 2)))
-
-
 def plot_sweep(rows: Sequence[dict], path: str, *, title: str = "") -> None:
-    """PNG: FID vs guidance weight; with CLIP scores, a second panel FID vs CLIP score (the
-    trade-off curve of the Imagen paper, each point labelled with its weight). Drawn with PIL."""
+    """FID vs guidance weight; with CLIP scores, a second panel FID vs CLIP score (the trade-off
+    curve of the Imagen paper, each point labelled with its weight). Drawn with matplotlib: the
+    PNG at `path` and a vector SVG beside it (same name, .svg)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # no display on evaluation machines
+    import matplotlib.pyplot as plt
+
     ws = [r["guidance"] for r in rows]
     fids = [r["fid"] for r in rows]
     clips = [r.get("clip_score") for r in rows]
-    has_clip = all(c is not None for c in clips) and rows
-    panel_w, h = 560, 420
-    img = Image.new("RGB", (panel_w * (2 if has_clip else 1), h), "white")
-    ImageDraw.Draw(img).text((img.width / 2, 8), title, fill="black", font=_font(15), anchor="mt")
-    _panel(img, (0, 30, panel_w, h), ws, fids, "guidance weight", "FID")
+    has_clip = bool(rows) and all(c is not None for c in clips)
+    fig, axes = plt.subplots(1, 2 if has_clip else 1, figsize=(11.2 if has_clip else 5.6, 4.2), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(ws, fids, "o-", color="tab:blue")
+    ax.set_xlabel("guidance weight")
+    ax.set_ylabel("FID")
+    ax.grid(alpha=0.3)
     if has_clip:
-        _panel(img, (panel_w, 30, 2 * panel_w, h), clips, fids, "CLIP score", "FID",
-               labels=[f"w={w:g}" for w in ws])
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+        ax = axes[0][1]
+        ax.plot(clips, fids, "o-", color="tab:blue")
+        for w, c, f in zip(ws, clips, fids):  # offset labels: matplotlib keeps them inside the axes
+            ax.annotate(f"w={w:g}", (c, f), textcoords="offset points", xytext=(5, 5), fontsize=8, color="0.35")
+        ax.set_xlabel("CLIP score")
+        ax.set_ylabel("FID")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    for target, fmt in ((path, "png"), (os.path.splitext(path)[0] + ".svg", "svg")):
+        tmp = f"{target}.tmp-{os.getpid()}"
+        fig.savefig(tmp, format=fmt, dpi=100)
+        os.replace(tmp, target)
+    plt.close(fig)
 
 
 __all__ = ["ClipScorer", "Evaluator", "Protocol", "ProtocolError", "RESIZE_FILTER", "fid_to_reference",
-           "plot_sweep", "resize", "shard_seed", "software_versions", "sweep_table"]
+           "plot_sweep", "resize", "software_versions", "sweep_table"]
