@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stage_utils import make_workdir, shapes_vocab
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -84,10 +82,9 @@ def _env():
     return env
 
 
-def test_wheel_installs_and_samples(installed, tmp_path):
+def test_wheel_installs_and_samples(installed, tiny_base, tmp_path):
     bindir, cwd = installed
-    wd = tmp_path / "base"
-    make_workdir(wd, "base64", vocab=shapes_vocab(tmp_path))
+    wd = tiny_base
     out = tmp_path / "samples"
     env = _env()
     run = lambda *cmd: subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,  # noqa: E731

@@ -6,7 +6,7 @@ from PIL import Image
 
 import imagen_jax
 from imagen_jax import cascade, sampling
-from stage_utils import CompileCounter, make_workdir, shapes_vocab
+from stage_utils import CompileCounter
 
 
 @pytest.fixture(scope="module")
@@ -15,12 +15,8 @@ def counter():
 
 
 @pytest.fixture(scope="module")
-def stage_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    vocab = shapes_vocab(root)
-    for i, s in enumerate(("base64", "sr256")):  # tiny: 16 -> 64
-        make_workdir(root / s, s, vocab=vocab, seed=i)
-    return [str(root / "base64"), str(root / "sr256")]
+def stage_dirs(tiny_cascade):
+    return tiny_cascade
 
 
 PROMPTS = ["a red circle", "a large blue square on the left"]
