@@ -39,6 +39,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _CHECKPOINT_FILE = "checkpoint"  # T5X's msgpack file name inside checkpoint_N/
+# Decoded chunks kept per checkpoint open (LRU): each device's slice of a sharded load touches the
+# same chunks as its neighbours', and without a cache every slice re-read and re-decompressed them.
+_CACHE_BYTES = 2 << 30
 _HF_INDEX = "model.safetensors.index.json"
 _HF_INDEX_FP16 = "model.safetensors.index.fp16.json"  # diffusers/HF fp16 variant of the shard set
 _EXPECTED = ("a T5X checkpoint directory (checkpoint_N/ with a msgpack 'checkpoint' file), "
@@ -117,10 +120,13 @@ def open_encoder_arrays(path: str | os.PathLike) -> dict[str, ArraySource]:
     """
     path = os.fspath(path)
     if _is_gcs(path):
-        return _t5x_arrays(path)
+        return _remote_t5x_arrays(path)
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path}: no such file or directory; expected {_EXPECTED}")
     if os.path.isdir(path):
+        state = _orbax_state_dir(path)
+        if state is not None:
+            return _orbax_arrays(state)
         if os.path.isfile(os.path.join(path, _CHECKPOINT_FILE)):
             return _t5x_arrays(path)
         for index in (_HF_INDEX, _HF_INDEX_FP16):  # full precision first, as HF does without a variant
@@ -137,7 +143,8 @@ def open_encoder_arrays(path: str | os.PathLike) -> dict[str, ArraySource]:
         if steps:
             chosen = os.path.join(path, f"checkpoint_{steps[-1]}")
             log.info("%s: T5X model directory, loading its latest step %s", path, chosen)
-            return _t5x_arrays(chosen)
+            state = _orbax_state_dir(chosen)
+            return _orbax_arrays(state) if state is not None else _t5x_arrays(chosen)
         found = sorted(os.listdir(path))[:8]
         hint = " (PyTorch .bin weights: convert them to safetensors)" if any(
             f.endswith(".bin") for f in found) else ""
@@ -151,12 +158,117 @@ def open_encoder_arrays(path: str | os.PathLike) -> dict[str, ArraySource]:
 
 
 def _t5x_steps(model_dir: str) -> list[int]:
+    """Steps N of the finished checkpoint_N/ under a T5X model directory (local or gs://): legacy
+    (a msgpack 'checkpoint' file) or orbax (state/_METADATA, T5X's default since use_orbax=True)."""
+    from imagen_jax import paths
+
     steps = []
-    for name in os.listdir(model_dir):
+    for name in paths.listdir(model_dir):
+        name = name.rstrip("/").rsplit("/", 1)[-1]
         m = re.fullmatch(r"checkpoint_(\d+)", name)
-        if m and os.path.isfile(os.path.join(model_dir, name, _CHECKPOINT_FILE)):
+        d = paths.join(model_dir, name)
+        if m and (paths.isfile(paths.join(d, _CHECKPOINT_FILE)) or _orbax_state_dir(d) is not None):
             steps.append(int(m.group(1)))
     return sorted(steps)
+
+
+def _remote_t5x_arrays(path: str) -> dict[str, ArraySource]:
+    """gs://: a msgpack file, a checkpoint_N/ (legacy or orbax) or a model directory (its latest step)."""
+    from imagen_jax import paths
+
+    if path.rstrip("/").rsplit("/", 1)[-1] == _CHECKPOINT_FILE:
+        return _t5x_arrays(path)
+    try:
+        if not paths.isdir(path):
+            raise CheckpointNotFoundError(f"{path}: no such directory; expected {_EXPECTED}")
+        state = _orbax_state_dir(path)
+        if state is not None:
+            return _orbax_arrays(state)
+        if paths.isfile(paths.join(path, _CHECKPOINT_FILE)):
+            return _t5x_arrays(path)
+        steps = _t5x_steps(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # gcsfs / auth errors
+        raise CheckpointError(f"{path}: cannot list: {_one_line(e)}") from None
+    if not steps:
+        raise CheckpointError(f"{path}: holds no T5X checkpoint_N/ (legacy or orbax); expected {_EXPECTED}")
+    chosen = paths.join(path, f"checkpoint_{steps[-1]}")
+    log.info("%s: T5X model directory, loading its latest step %s", path, chosen)
+    state = _orbax_state_dir(chosen)
+    return _orbax_arrays(state) if state is not None else _t5x_arrays(chosen)
+
+
+# --------------------------------------------------------------------------- T5X, orbax layout
+
+_ORBAX_METADATA = "_METADATA"
+
+
+def _orbax_state_dir(path: str) -> str | None:
+    """The orbax PyTree directory of a T5X checkpoint: checkpoint_N/state/ (T5X's item name),
+    or `path` itself when it is one; None for anything else."""
+    from imagen_jax import paths
+
+    for d in (paths.join(path, "state"), path):
+        if paths.isfile(paths.join(d, _ORBAX_METADATA)):
+            return d
+    return None
+
+
+def _orbax_arrays(state_dir: str) -> dict[str, ArraySource]:
+    """The encoder arrays of an orbax PyTree checkpoint written by T5X (PyTreeCheckpointHandler,
+    use_ocdbt=True by default): _METADATA lists the tree; each array is a zarr array keyed
+    '<dotted tree path>' inside the OCDBT key-value store (or its own directory without OCDBT).
+    Only target/token_embedder and target/encoder arrays are opened; nothing else is read."""
+    import tensorstore as ts
+
+    from imagen_jax import paths
+
+    meta_file = paths.join(state_dir, _ORBAX_METADATA)
+    try:
+        tree = json.loads(_read_bytes(meta_file)).get("tree_metadata", {})
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{meta_file}: not orbax checkpoint metadata ({_one_line(e)})") from None
+    names = {}
+    for entry in tree.values():
+        parts = [str(k.get("key")) for k in entry.get("key_metadata", [])]
+        if len(parts) >= 3 and parts[0] == "target" and parts[1] in ("token_embedder", "encoder"):
+            names["/".join(parts[1:])] = ".".join(parts)
+    if not names:
+        raise CheckpointError(f"{state_dir}: orbax checkpoint without T5 encoder weights; expected "
+                              "target/encoder/layers_N/... and target/token_embedder/embedding")
+    if _is_gcs(state_dir):
+        bucket, obj = _split_gcs(state_dir)
+        base = {"driver": "gcs", "bucket": bucket, "path": obj.rstrip("/") + "/"}
+    else:
+        base = {"driver": "file", "path": os.path.abspath(state_dir) + "/"}
+    ocdbt = paths.isfile(paths.join(state_dir, "manifest.ocdbt"))
+
+    def kvstore(name):
+        if ocdbt:
+            return {"driver": "ocdbt", "base": base, "path": name}
+        return {**base, "path": base["path"] + name}
+
+    context = ts.Context({"cache_pool": {"total_bytes_limit": _CACHE_BYTES}})
+    futures = {k: ts.open({"driver": "zarr", "kvstore": kvstore(n), "recheck_cached_data": "open"},
+                          read=True, open=True, context=context)
+               for k, n in names.items()}
+    sources = {}
+    for key, fut in futures.items():
+        origin = f"{state_dir} [{names[key]}]"
+        try:
+            store = fut.result()
+        except Exception as e:  # noqa: BLE001 -- newer orbax writes zarr v3
+            try:
+                store = ts.open({"driver": "zarr3", "kvstore": kvstore(names[key]), "recheck_cached_data": "open"},
+                                read=True, open=True, context=context).result()
+            except Exception:
+                raise CheckpointError(f"{origin}: cannot open array: {_one_line(e)}") from None
+        sources[key] = ArraySource(key, tuple(store.shape), np.dtype(store.dtype.numpy_dtype), origin,
+                                   lambda index, s=store: s[index].read().result())
+    return _check_t5_1_1(sources, state_dir)
 
 
 # --------------------------------------------------------------------------- T5X
@@ -323,6 +435,9 @@ def _resolve_spec(spec: dict, ckpt_dir: str, msgpack_file: str, key: str) -> dic
         # spec as well, so a re-chunked or recompressed copy opens.
         spec["metadata"].pop("chunks", None)
         spec["metadata"].pop("compressor", None)
+    # The arrays do not change while we read them: validate cached chunks once, at open, not on
+    # every device slice (on GCS each revalidation is a request).
+    spec["recheck_cached_data"] = "open"
     kvstore = spec.get("kvstore")
     rel = kvstore.get("path") if isinstance(kvstore, dict) else None
     if rel is None:
@@ -350,7 +465,8 @@ def _open_tensorstores(specs: dict[str, dict], msgpack_file: str) -> dict[str, A
     import tensorstore as ts
 
     # Opening reads only the zarr metadata; all opens run concurrently.
-    futures = {k: ts.open(s, read=True, open=True) for k, s in specs.items()}
+    context = ts.Context({"cache_pool": {"total_bytes_limit": _CACHE_BYTES}})
+    futures = {k: ts.open(s, read=True, open=True, context=context) for k, s in specs.items()}
     out = {}
     for key, fut in futures.items():
         where = specs[key]["kvstore"]
