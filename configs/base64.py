@@ -6,6 +6,13 @@
     python -m imagen_jax.train --config=configs/base64.py --workdir=gs://BUCKET/base64
         paper: 2.28B parameters (README "Models"), batch 2048, Adafactor, 2.5M steps (256 TPU-v4 chips in the paper;
         see configs/pods.py for the pod variants and `imagen_jax.inspect --topology` to check fit).
+        It needs real data and T5 (the defaults are the embedded shapes and a tiny random T5); a paper run
+        (README "Training on a pod"):
+            --config.data.source=tfds --config.data.name=coco_captions --config.data.data_dir=gs://BUCKET/tfds
+            --config.text.t5_checkpoint=gs://t5-data/pretrained_models/t5x/t5_1_1_xxl/checkpoint_1000000
+            --config.text.vocab=gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model
+            --config.train.compilation_cache=gs://BUCKET/jax_cache
+        (or --config.text.embeddings_dir=gs://BUCKET/coco_t5xxl, written by imagen_jax.encode_text).
 """
 from configs import common
 
