@@ -2,7 +2,6 @@
 program per stage, data-parallel over the mesh. The one sampler path used by training previews,
 `imagen_jax.sample`, FID evaluation and the demo."""
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -11,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagen_jax import checkpoints, diffusion, parallel
+from imagen_jax import checkpoints, diffusion, parallel, paths
 from imagen_jax.diffusion import keys, schedules
-from imagen_jax.models import UNet, UNetConfig, init_inputs, upsample_lowres
+from imagen_jax.models import UNet, UNetConfig, cast_conv_kernels, init_inputs, upsample_lowres
 
 
 class CascadeError(ValueError):
@@ -74,12 +73,12 @@ def load_stage(path, mesh, *, step=None, which="ema_params", accept_license=Fals
     its parameters stay float32, as they were trained)."""
     if dtype is not None and dtype not in DTYPES:
         raise CascadeError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise CascadeError(f"stage directory {path} does not exist")
     from imagen_jax import deepfloyd
     if deepfloyd.is_if_stage(path):
         return deepfloyd.IFStage.load(path, dtype=dtype or "float32", accept_license=accept_license, mesh=mesh)
-    if os.path.exists(os.path.join(path, "info.json")):
+    if paths.exists(paths.join(path, "info.json")):
         from imagen_jax import bundle
         config, params, info = bundle.load(path, mesh=mesh)
         return Stage(config=_with_compute_dtype(config, dtype), params=params, source=path,
@@ -156,6 +155,7 @@ class StageSampler:
     def _sample(self, params, text, mask, lowres, rng, guidance, aug_level, percentile):
         st, s = self.stage, self.settings
         b, size = text.shape[0], self.stage.image_size
+        params = cast_conv_kernels(st.model_cfg, params)  # once, not at every step of the loop
         text2 = jnp.concatenate([text, jnp.zeros_like(text)], 0)  # [cond; null] in one batch
         mask2 = jnp.concatenate([mask, jnp.zeros_like(mask)], 0)
         kw = {}

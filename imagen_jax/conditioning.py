@@ -3,13 +3,14 @@ precomputed embeddings (imagen_jax.encode_text), a real T5 checkpoint, or (no we
 with the code) a tiny randomly initialised, frozen T5 with a SentencePiece vocabulary trained on the
 embedded dataset's captions."""
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from imagen_jax import parallel
+from imagen_jax import parallel, paths
 
 from imagen_jax.text import encoder as text_encoder
 from imagen_jax.text import store as store_lib
@@ -30,13 +31,21 @@ class TextConditioner:
 
 
 def demo_vocab(path_prefix, seed=0):
-    """Trains (once) the SentencePiece vocabulary of the embedded shapes captions; deterministic."""
+    """Trains (once) the SentencePiece vocabulary of the embedded shapes captions; deterministic.
+    `path_prefix` may be gs://: SentencePiece's trainer writes local files only, so the model is
+    trained in a temporary directory and copied through the path layer."""
     model = path_prefix + ".model"
-    if not os.path.exists(model):
+    if not paths.exists(model):
         from imagen_jax.data import shapes
         captions = shapes.ShapesDataset(seed=seed).captions(DEMO_VOCAB_CAPTIONS)
         captions += shapes.held_out_prompts(64)
-        tokenizer_lib.train_sentencepiece(captions, path_prefix, vocab_size=256)
+        if not paths.is_remote(path_prefix):
+            tokenizer_lib.train_sentencepiece(captions, path_prefix, vocab_size=256)
+            return model
+        with tempfile.TemporaryDirectory(prefix="imagen_jax_vocab_") as tmp:
+            local = tokenizer_lib.train_sentencepiece(captions, os.path.join(tmp, "spm"), vocab_size=256)
+            paths.makedirs(paths.path(model).parent)
+            paths.write_bytes(model, paths.read_bytes(local))
     return model
 
 
@@ -123,7 +132,7 @@ def build(config, *, workdir=None, mesh=None, t5=None):
         if not vocab:
             if workdir is None:
                 raise ValueError("a tiny random T5 needs config.text.vocab or a workdir for its vocabulary")
-            vocab = demo_vocab(os.path.join(workdir, "vocab", "shapes_spm"), seed=int(config.seed))
+            vocab = demo_vocab(paths.join(workdir, "vocab", "shapes_spm"), seed=int(config.seed))
         tiny = dict(t.tiny_t5)
         vocab_size = tiny.pop("vocab_size", None)
         enc = text_encoder.TextEncoder.random(vocab, size="tiny", seed=0, max_length=t.max_length, mesh=mesh,

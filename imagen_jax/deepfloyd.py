@@ -58,7 +58,8 @@ def check_license(accept_license):
 
 def is_if_stage(path) -> bool:
     """A diffusers pipeline directory (model_index.json) rather than an imagen_jax workdir/bundle."""
-    return os.path.isfile(os.path.join(os.fspath(path), "model_index.json"))
+    from imagen_jax import paths
+    return paths.isfile(paths.join(os.fspath(path), "model_index.json"))
 
 
 def _need(path, what):

@@ -4,12 +4,13 @@ import json
 import math
 import os
 import shutil
+import tempfile
 
 import jax
 import numpy as np
 from etils import epath
 
-from imagen_jax import cascade, cli, conditioning
+from imagen_jax import cascade, cli, conditioning, paths
 
 
 class UsageError(cli.UsageError):
@@ -31,10 +32,9 @@ def per_stage(value, n, name, cast, default):
 def read_prompts(prompts, prompts_file):
     prompts = list(prompts)
     if prompts_file:
-        if not os.path.exists(prompts_file):
+        if not paths.isfile(prompts_file):
             raise UsageError(f"--prompts_file {prompts_file} does not exist")
-        with open(prompts_file) as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        prompts += [line.strip() for line in paths.read_text(prompts_file).splitlines() if line.strip()]
     if not prompts or any(not p.strip() for p in prompts):
         raise UsageError("no prompts: give --prompt and/or a non-empty --prompts_file (empty prompts are refused)")
     return prompts
@@ -152,7 +152,9 @@ def check_request(stage_dirs, prompts, out, *, num_images, overwrite, **setting_
     for d in stage_dirs:
         if cli.overlaps(out_s, d):
             raise UsageError(f"--out {out_s} overlaps the stage directory {d}; give another output path")
-    if os.path.lexists(out_s):
+    if paths.is_remote(out_s):
+        paths.check_bucket(out_s)
+    if paths.exists(out_s) if paths.is_remote(out_s) else os.path.lexists(out_s):
         if not overwrite:
             raise UsageError(f"output directory {out_s} exists (pass --overwrite to replace it)")
         check_replaceable(out_s)
@@ -243,7 +245,9 @@ def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, ov
                       log=log, **setting_flags)
     final, settings, times = result.images[-1], result.settings, result.seconds
     if jax.process_index() == 0:
-        partial = out.rstrip("/") + ".partial"
+        remote = paths.is_remote(out)
+        # gs:// output is assembled locally and uploaded with settings.json (the marker) last.
+        partial = (tempfile.mkdtemp(prefix="imagen_jax_sample_") if remote else out.rstrip("/") + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(os.path.join(partial, "images"))
         for i, img in enumerate(final):
@@ -262,10 +266,17 @@ def generate(stage_dirs, prompts, out, *, num_images=1, seed=0, batch_size=0, ov
             log(deepfloyd.ATTRIBUTION)
         with open(os.path.join(partial, "settings.json"), "w") as f:
             json.dump(record, f, indent=2)
-        if os.path.lexists(out):
-            check_replaceable(out)  # again: the directory may have changed while sampling
-            shutil.rmtree(out)
-        os.replace(partial, out)
+        if remote:
+            if paths.exists(out):
+                check_replaceable(out)
+                paths.rmtree(out)
+            paths.upload_tree(partial, out, last=("settings.json",))
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            if os.path.lexists(out):
+                check_replaceable(out)  # again: the directory may have changed while sampling
+                shutil.rmtree(out)
+            os.replace(partial, out)
         log(f"wrote {len(final)} images at {final.shape[1]}x{final.shape[2]} to {out}")
     return final
 

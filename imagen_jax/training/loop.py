@@ -242,16 +242,11 @@ def train(config, workdir, stop_after=0):
     enable_compilation_cache(config)
     mesh = parallel.make_mesh(config.mesh)
     check_batch(config, mesh)
+    validate.check_orphan_checkpoints(workdir)
     mngr = checkpoints.manager(workdir, keep=int(config.train.keep_ckpts))
     latest = mngr.latest_step()
-    if jax.process_index() == 0:
-        checkpoints.save_config(workdir, config)
-    cond = conditioning.build(config, workdir=workdir)
     trainer = step_lib.Trainer(config, mesh)
     n_params = step_lib.count_state_params(trainer.abstract_params)
-    logging.info("stage %s: %d parameters; mesh %s; text: %s", config.stage, n_params, dict(mesh.shape),
-                 cond.description)
-    print(f"stage={config.stage} params={n_params} mesh={dict(mesh.shape)} text: {cond.description}", flush=True)
 
     if latest is not None:
         restored, meta = checkpoints.restore(mngr, latest, trainer.abstract_state, trainer.state_shardings)
@@ -261,6 +256,14 @@ def train(config, workdir, stop_after=0):
         print(f"resumed from step {meta['step']} ({checkpoints.checkpoint_dir(workdir)})", flush=True)
     else:
         state = trainer.init(jax.random.PRNGKey(config.seed))
+    # Only now: a workdir whose checkpoints do not restore into this config is left as it was
+    # (no config.json, no vocabulary written).
+    if jax.process_index() == 0:
+        checkpoints.save_config(workdir, config)
+    cond = conditioning.build(config, workdir=workdir, mesh=mesh)  # T5 sharded over the mesh
+    logging.info("stage %s: %d parameters; mesh %s; text: %s", config.stage, n_params, dict(mesh.shape),
+                 cond.description)
+    print(f"stage={config.stage} params={n_params} mesh={dict(mesh.shape)} text: {cond.description}", flush=True)
     start = int(jax.device_get(state.step))
 
     global_batch = int(config.train.batch_size)
