@@ -20,95 +20,94 @@ protocol and the EVAL_DIR layout are described in imagen_jax/evaluation/protocol
 Prints `FID <value> on <N> samples` at the end; exit status 1 with `error: ...` on bad input,
 2 on bad flags.
 """
-import argparse
 import os
 import sys
+import types
+
+from absl import flags
 
 from imagen_jax import cli
 
 TFDS_DEFAULT = "tfds:coco_captions"
 
-
-def _floats(text):
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+# The tool's own FlagValues: main(argv) may run more than once in a process, beside other tools.
+FLAGS = flags.FlagValues()
+_F = dict(flag_values=FLAGS)
+flags.DEFINE_string("stages", None, "Comma-separated stage directories (workdirs, bundles or DeepFloyd IF diffusers "
+                    "pipeline directories), base first.", **_F)
+flags.DEFINE_string("images", None, "Instead of --stages: a folder of images (.png/.jpg) to score, no model.", **_F)
+flags.DEFINE_string("inception", None, "pytorch-fid's FID Inception weights (.pth) or a converted .npz.", **_F)
+flags.DEFINE_string("inception_sha256", None, "Accept Inception weights with this SHA-256 ('any': every file; "
+                    "default: pytorch-fid's release file only).", **_F)
+flags.DEFINE_string("coco", None, "'tfds', 'tfds:NAME' or a COCO directory (captions_val2014.json + val2014/); "
+                    "needed unless --images with --reference_stats.", **_F)
+flags.DEFINE_string("reference_stats", None, "Precomputed reference statistics (.npz with mu, sigma: pytorch-fid "
+                    "--save-stats, clean-fid) instead of computing them from --coco (no KID then).", **_F)
+flags.DEFINE_bool("distinct_images", False, "Captions of num_samples distinct COCO images (one each), not "
+                  "num_samples captions.", **_F)
+flags.DEFINE_string("workdir", None, "Output directory EVAL_DIR (created; resumed if present).", **_F)
+flags.DEFINE_integer("num_samples", 30000, "Captions (one image each) of the main run; 0: sweep only.",
+                     lower_bound=0, **_F)
+flags.DEFINE_integer("caption_seed", 0, "Seed of the caption draw (and of --reference_count's subset).", **_F)
+flags.DEFINE_integer("seed", 0, "Sampling seed.", **_F)
+flags.DEFINE_string("steps", None, "Steps per stage, comma-separated (default: each stage's config).", **_F)
+flags.DEFINE_string("guidance", None, "Guidance weight per stage (default: each stage's config).", **_F)
+flags.DEFINE_string("sampler", None, "ddpm | ddim, one for all stages or one per stage.", **_F)
+flags.DEFINE_float("eta", 0.0, "DDIM eta.", **_F)
+flags.DEFINE_string("thresholding", None, "none | static | dynamic, one or one per stage (default: each stage's "
+                    "config).", **_F)
+flags.DEFINE_float("percentile", None, "Dynamic-thresholding percentile, for every stage (default: each stage's "
+                   "config).", **_F)
+flags.DEFINE_string("aug_level", None, "Noise-augmentation level per SR stage, in [0, 1] (default: each stage's "
+                    "config).", **_F)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "DeepFloyd IF stages' weights and compute "
+                  "(default float32); Imagen stages' compute (default: their config's model.dtype).", **_F)
+flags.DEFINE_string("noise_level", None, "DeepFloyd IF stage II: integer noise-augmentation timestep (default 250).",
+                    **_F)
+flags.DEFINE_string("t5", None, "T5 checkpoint that encodes captions missing from a stage's embedding store "
+                    "(text.embeddings_dir); default: the stage config's text.t5_checkpoint.", **_F)
+flags.DEFINE_bool("accept_license", False, "Acknowledge the DeepFloyd IF License (non-commercial research only); "
+                  "needed for IF stages.", **_F)
+flags.DEFINE_integer("batch_size", 0, "Images per sampling batch, over all devices (0: up to 64; rounded up to a "
+                     "multiple of the devices).", **_F)
+flags.DEFINE_integer("shard_size", 1000, "Images per resumable shard.", **_F)
+flags.DEFINE_integer("inception_batch", 50, "Images per Inception batch.", **_F)
+flags.DEFINE_integer("resolution", 256, "Side of the compared images (samples are resized to it).", **_F)
+flags.DEFINE_integer("reference_count", None, "Reference images (default: all of val2014).", **_F)
+flags.DEFINE_bool("save_images", False, "Also write every sample as a PNG.", **_F)
+flags.DEFINE_string("cache_dir", None, "Reference statistics / converted weights cache (default EVAL_DIR/cache).",
+                    **_F)
+flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for --coco tfds.", **_F)
+flags.DEFINE_list("sweep", None, "Base-stage guidance weights to sweep, comma-separated.", **_F)
+flags.DEFINE_integer("sweep_samples", 10000, "Captions per guidance weight of the sweep.", **_F)
+flags.DEFINE_string("clip", None, "Local Hugging Face CLIP directory for the CLIP score (optional).", **_F)
+flags.DEFINE_string("clip_device", "auto", "torch device of the CLIP model (auto: cuda if available).", **_F)
+flags.DEFINE_integer("clip_batch", 32, "Images per CLIP batch.", lower_bound=1, **_F)
+flags.DEFINE_bool("quiet", False, "No progress bar.", **_F)
+flags.mark_flags_as_required(["inception", "workdir"], flag_values=FLAGS)
 
 
 def parse_args(argv):
-    p = cli.ArgumentParser(prog="python -m imagen_jax.evaluate_fid", description=__doc__.split("\n")[0])
-    p.add_argument("--stages", default=None,
-                   help="Comma-separated stage directories (workdirs, bundles or DeepFloyd IF diffusers "
-                        "pipeline directories), base first.")
-    p.add_argument("--images", default=None,
-                   help="Instead of --stages: a folder of images (.png/.jpg) to score, no model.")
-    p.add_argument("--inception", required=True, help="pytorch-fid's FID Inception weights (.pth) or a converted .npz.")
-    p.add_argument("--inception_sha256", default=None,
-                   help="Accept Inception weights with this SHA-256 ('any': every file; default: pytorch-fid's "
-                        "release file only).")
-    p.add_argument("--coco", default=None,
-                   help="'tfds', 'tfds:NAME' or a COCO directory (captions_val2014.json + val2014/); "
-                        "needed unless --images with --reference_stats.")
-    p.add_argument("--reference_stats", default=None,
-                   help="Precomputed reference statistics (.npz with mu, sigma: pytorch-fid --save-stats, "
-                        "clean-fid) instead of computing them from --coco (no KID then).")
-    p.add_argument("--distinct_images", action="store_true",
-                   help="Captions of num_samples distinct COCO images (one each), not num_samples captions.")
-    p.add_argument("--workdir", required=True, help="Output directory EVAL_DIR (created; resumed if present).")
-    p.add_argument("--num_samples", type=int, default=30000,
-                   help="Captions (one image each) of the main run; 0: sweep only.")
-    p.add_argument("--caption_seed", type=int, default=0,
-                   help="Seed of the caption draw (and of --reference_count's subset).")
-    p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
-    p.add_argument("--steps", default=None, help="Steps per stage, comma-separated (default: each stage's config).")
-    p.add_argument("--guidance", default=None, help="Guidance weight per stage (default: each stage's config).")
-    p.add_argument("--sampler", default=None, help="ddpm | ddim, one for all stages or one per stage.")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta.")
-    p.add_argument("--thresholding", default=None,
-                   help="none | static | dynamic, one or one per stage (default: each stage's config).")
-    p.add_argument("--percentile", type=float, default=None,
-                   help="Dynamic-thresholding percentile, for every stage (default: each stage's config).")
-    p.add_argument("--aug_level", default=None,
-                   help="Noise-augmentation level per SR stage, in [0, 1] (default: each stage's config).")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="DeepFloyd IF stages' weights and compute (default float32); Imagen stages' compute "
-                        "(default: their config's model.dtype).")
-    p.add_argument("--noise_level", default=None,
-                   help="DeepFloyd IF stage II: integer noise-augmentation timestep (default 250).")
-    p.add_argument("--t5", default=None,
-                   help="T5 checkpoint that encodes captions missing from a stage's embedding store "
-                        "(text.embeddings_dir); default: the stage config's text.t5_checkpoint.")
-    p.add_argument("--accept_license", action="store_true",
-                   help="Acknowledge the DeepFloyd IF License (non-commercial research only); needed for IF stages.")
-    p.add_argument("--batch_size", type=int, default=0,
-                   help="Images per sampling batch (0: up to 64, a multiple of the devices).")
-    p.add_argument("--shard_size", type=int, default=1000, help="Images per resumable shard.")
-    p.add_argument("--inception_batch", type=int, default=50, help="Images per Inception batch.")
-    p.add_argument("--resolution", type=int, default=256,
-                   help="Side of the compared images (samples are resized to it).")
-    p.add_argument("--reference_count", type=int, default=None, help="Reference images (default: all of val2014).")
-    p.add_argument("--save_images", action="store_true", help="Also write every sample as a PNG.")
-    p.add_argument("--cache_dir", default=None,
-                   help="Reference statistics / converted weights cache (default EVAL_DIR/cache).")
-    p.add_argument("--tfds_data_dir", default=None, help="TFDS data_dir for --coco tfds.")
-    p.add_argument("--sweep", type=_floats, default=None, help="Base-stage guidance weights to sweep, comma-separated.")
-    p.add_argument("--sweep_samples", type=int, default=10000, help="Captions per guidance weight of the sweep.")
-    p.add_argument("--clip", default=None, help="Local Hugging Face CLIP directory for the CLIP score (optional).")
-    p.add_argument("--clip_device", default="auto", help="torch device of the CLIP model (auto: cuda if available).")
-    p.add_argument("--clip_batch", type=int, default=32, help="Images per CLIP batch.")
-    p.add_argument("--quiet", action="store_true", help="No progress bar.")
-    args = p.parse_args(argv)
+    """The flags as a namespace; SystemExit(2) with one line on a bad flag, SystemExit(0) after --help."""
+    args = types.SimpleNamespace(**cli.parse_own_flags(FLAGS, argv, __doc__).flag_values_dict())
+
+    def error(message):
+        print(f"evaluate_fid: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    if args.sweep is not None:
+        try:
+            args.sweep = [float(v) for v in args.sweep if v.strip()]
+        except ValueError:
+            error(f"--sweep: expected comma-separated numbers, got {','.join(args.sweep)!r}")
     if (args.stages is None) == (args.images is None):
-        p.error("give --stages (a cascade to sample) or --images (a folder of images), not both or neither")
+        error("give --stages (a cascade to sample) or --images (a folder of images), not both or neither")
     if args.coco is None and not (args.images and args.reference_stats):
-        p.error("--coco is required (captions and reference images), unless --images with --reference_stats")
+        error("--coco is required (captions and reference images), unless --images with --reference_stats")
     if args.images is None and args.num_samples == 0 and not args.sweep:
-        p.error("--num_samples 0 needs --sweep (nothing to evaluate)")
+        error("--num_samples 0 needs --sweep (nothing to evaluate)")
     if args.sweep and args.sweep_samples < 2:
-        p.error("--sweep_samples must be >= 2")
-    if args.clip_batch < 1:
-        p.error("--clip_batch must be >= 1")
+        error("--sweep_samples must be >= 2")
     return args
 
 
@@ -182,7 +181,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_args(argv)
-    except SystemExit as e:  # argparse has printed its usage message
+    except SystemExit as e:  # the flags' one-line error or --help has been printed
         return int(e.code or 0)
     args.argv = argv
 
