@@ -1,7 +1,6 @@
 """Shared command-line plumbing of the entry points: one-line errors, exit statuses (0 ok, 1 a
 runtime error, 2 a usage error: a bad flag, value or path) and checks that an output can be written
 before any work starts."""
-import argparse
 import os
 import sys
 
@@ -11,14 +10,6 @@ from etils import epath
 
 class UsageError(ValueError):
     """Bad user input found before any work: exit status 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag on one line (not usage + error) with exit status 2."""
-
-    def error(self, message):
-        print(f"{self.prog.split('.')[-1]}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def one_line(e: BaseException) -> str:

@@ -9,9 +9,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = ("train", "sample", "export", "evaluate_fid", "encode_text", "inspect", "demo")
 
-# The flags a tool defines, read from its source (absl DEFINE_*, config flags, argparse).
-DEFINE = re.compile(r"""(?:flags\.DEFINE_\w+|cli\.define_config|add_argument)\(\s*["'](?:--)?(\w+)["']""")
-INTEGER = re.compile(r"""(?:flags\.DEFINE_integer\(\s*["'](\w+)["']|add_argument\(\s*["']--(\w+)["'][^)]*type=int\b)""")
+# The flags a tool defines, read from its source (absl DEFINE_*, config flags).
+DEFINE = re.compile(r"""(?:flags\.DEFINE_\w+|cli\.define_config)\(\s*["'](\w+)["']""")
+INTEGER = re.compile(r"""flags\.DEFINE_integer\(\s*["'](\w+)["']""")
 
 # Each case in its own forked process, from one that imported the heavy dependencies once; up to
 # two at a time (the CI machine has two cores).
@@ -52,8 +52,9 @@ print(json.dumps([codes[i] for i in range(len(jobs))]))
 def tool_flags(tool):
     with open(os.path.join(ROOT, "imagen_jax", f"{tool}.py")) as f:
         src = f.read()
+    assert "argparse" not in src, f"{tool} parses its flags with argparse; every tool uses absl flags"
     names = set(DEFINE.findall(src))
-    ints = [a or b for a, b in INTEGER.findall(src)]
+    ints = INTEGER.findall(src)
     return names, ints
 
 
