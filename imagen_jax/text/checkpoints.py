@@ -599,6 +599,72 @@ def _check_t5_1_1(sources: dict[str, ArraySource], origin: str) -> dict[str, Arr
     return sources
 
 
+# --------------------------------------------------------------------------- hyperparameters
+
+# The network in t5.py is T5 1.1's: gated GELU (tanh) MLP. What the arrays' shapes cannot say is read
+# from the configuration stored with the checkpoint, where there is one:
+#   Hugging Face: config.json beside the safetensors (feed_forward_proj / dense_act_fn, is_gated_act,
+#     layer_norm_epsilon, relative_attention_num_buckets, relative_attention_max_distance);
+#   T5X: the gin config T5X writes into the model directory (config.gin, in checkpoint_N/'s parent
+#     or beside it): its mlp_activations (T5 1.1: ('gelu', 'linear')). T5X's network fixes the
+#     layer-norm eps (1e-6) and relative-attention max distance (128) in code, so a gin cannot change them.
+# Without a stored configuration (the published T5 1.1 checkpoints carry none) T5 1.1 is assumed.
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu")  # HF names of the tanh-approximated GELU T5 1.1 uses
+
+
+def model_hyperparameters(path: str | os.PathLike) -> dict:
+    """T5Config overrides read from the configuration stored with the checkpoint at `path` (see
+    above); raises CheckpointError for a model this encoder does not implement (e.g. a ReLU or
+    ungated MLP), naming the setting and the file. {} when nothing is stored."""
+    from imagen_jax import paths
+
+    path = os.fspath(path).rstrip("/")
+    here = path if paths.isdir(path) else (path.rsplit("/", 1)[0] if "/" in path else ".")
+    hf = paths.join(here, "config.json")
+    if paths.isfile(hf):
+        try:
+            cfg = json.loads(paths.read_text(hf))
+        except Exception as e:
+            raise CheckpointError(f"{hf}: unreadable Hugging Face config ({_one_line(e)})") from None
+        if isinstance(cfg, dict) and ("d_model" in cfg or "feed_forward_proj" in cfg):
+            return _hf_hyperparameters(cfg, hf)
+    candidates = [paths.join(here, "config.gin")]
+    if "/" in here:
+        candidates.append(paths.join(here.rsplit("/", 1)[0], "config.gin"))
+    for gin in candidates:
+        if paths.isfile(gin):
+            _check_gin(paths.read_text(gin), gin)
+            break
+    return {}
+
+
+def _hf_hyperparameters(cfg: dict, origin: str) -> dict:
+    proj = str(cfg.get("feed_forward_proj", "gated-gelu"))
+    gated = proj.startswith("gated-") or bool(cfg.get("is_gated_act", False))
+    act = str(cfg.get("dense_act_fn") or proj.split("-")[-1])
+    if act == "gelu" and proj == "gated-gelu":
+        act = "gelu_new"  # transformers maps 'gated-gelu' to gelu_new (the tanh approximation)
+    if not gated or act not in _GELU_TANH[:2]:
+        raise CheckpointError(f"{origin}: feed_forward_proj={proj!r} (dense_act_fn={act!r}); this encoder "
+                              "implements T5 1.1's gated tanh-GELU MLP only ('gated-gelu')")
+    out = {}
+    for key, field in (("layer_norm_epsilon", "layer_norm_eps"), ("relative_attention_num_buckets", "relpos_buckets"),
+                       ("relative_attention_max_distance", "relpos_max_distance")):
+        if cfg.get(key) is not None:
+            out[field] = float(cfg[key]) if field == "layer_norm_eps" else int(cfg[key])
+    return out
+
+
+def _check_gin(text: str, origin: str) -> None:
+    m = re.search(r"mlp_activations\s*=\s*[\(\[]([^\)\]]*)[\)\]]", text)
+    if m is None:
+        return
+    acts = tuple(a.strip().strip("'\"") for a in m.group(1).split(",") if a.strip())
+    if acts != ("gelu", "linear"):
+        raise CheckpointError(f"{origin}: mlp_activations = {acts}; this encoder implements T5 1.1's "
+                              "gated GELU MLP only (mlp_activations = ('gelu', 'linear'))")
+
+
 # --------------------------------------------------------------------------- loading
 
 

@@ -522,6 +522,9 @@ def load_checkpoint(path: str, dtype: DType = jnp.float32, *, shardings=None,
     from imagen_jax.text import checkpoints
 
     sources = checkpoints.open_encoder_arrays(path)
+    # Settings the shapes cannot tell (activation, eps, relative-attention buckets and distance),
+    # from the configuration stored with the checkpoint; explicit overrides win.
+    config_overrides = {**checkpoints.model_hyperparameters(path), **config_overrides}
     try:
         config = config_from_shapes({k: s.shape for k, s in sources.items()},
                                     dtype=compute_dtype or dtype, param_dtype=dtype,
