@@ -5,7 +5,9 @@
         [--num_samples 30000 --guidance 1.35,8 --steps 256,128 --sampler ddpm --seed 0] \\
         [--sweep 1,1.25,1.5,2,3,4,5,6,7,8,9,10 --sweep_samples 10000] \\
         [--shard_size 1000 --batch_size 0 --save_images --reference_count N --resolution 256] \\
-        [--clip CLIP_DIR] [--cache_dir DIR]
+        [--clip CLIP_DIR] [--cache_dir DIR] [--reference_stats STATS.npz] [--distinct_images]
+    python -m imagen_jax.evaluate_fid --images FOLDER --inception ... (--coco ... | --reference_stats ...) \
+        --workdir EVAL_DIR          # a folder of images, no model
 
 --coco: 'tfds' (TFDS coco_captions, all val2014 images), 'tfds:NAME', or a directory with
 captions_val2014.json and val2014/. --inception: pytorch-fid's FID Inception weights
@@ -13,8 +15,8 @@ captions_val2014.json and val2014/. --inception: pytorch-fid's FID Inception wei
 --clip: a local Hugging Face CLIP directory (e.g. openai/clip-vit-large-patch14); without it the
 CLIP score is skipped.
 
-Writes EVAL_DIR/fid.json (FID, CLIP score, every setting and seed, software versions) and, with
---sweep, EVAL_DIR/sweep.{json,md,png} (FID per base-stage guidance weight on --sweep_samples
+Writes EVAL_DIR/fid.json (FID, KID, CLIP score, every setting and seed, software versions) and, with
+--sweep, EVAL_DIR/sweep.{json,md,png,svg} (FID per base-stage guidance weight on --sweep_samples
 captions). Rerunning the same command resumes an interrupted run: finished shards are kept. The
 protocol and the EVAL_DIR layout are described in imagen_jax/evaluation/protocol.py.
 Prints `FID <value> on <N> samples` at the end; exit status 1 with `error: ...` on bad input,

@@ -30,7 +30,8 @@ rerun with other settings is refused, naming them. Batch sizes are not among the
 EVAL_DIR layout:
   captions.json                 the caption draw (seed, indices, texts)
   cache/                        reference statistics, converted Inception weights (or cache_dir)
-  samples/                      feature shards of the main run, run.json, clip/, images/
+  samples/                      feature shards of the main run, run.json, clip/, image_shards/, images/
+  folder/                       feature shards of --images FOLDER (no model), run.json
   fid.json                      FID, CLIP score, every setting and seed, software versions
   sweep/captions.json           the sweep's caption draw (same seed, sweep_samples captions)
   sweep/guidance_<w>/           feature shards per guidance weight
