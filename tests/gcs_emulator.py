@@ -8,7 +8,9 @@ ifGenerationNotMatch preconditions (OCDBT commits its manifest with a conditiona
 serves until killed and prints `ready` once the buckets exist. Clients find it through
 STORAGE_EMULATOR_HOST (google-cloud-storage, gcsfs) and TENSORSTORE_GCS_HTTP_URL (tensorstore).
 """
+import http.server
 import sys
+import threading
 import time
 from http import HTTPStatus
 
@@ -73,6 +75,17 @@ def patch():
 def main(argv):
     port, names = int(argv[0]), argv[1:]
     patch()
+    # The emulator's server is single-threaded, so one kept-alive connection blocks every other
+    # (tensorstore opens many and times out): one thread per connection, one request at a time.
+    http.server.HTTPServer = http.server.ThreadingHTTPServer
+    lock = threading.Lock()
+    handle = server.Router.handle
+
+    def locked(self, method):
+        with lock:
+            return handle(self, method)
+
+    server.Router.handle = locked
     srv = server.create_server("127.0.0.1", port, in_memory=True)
     for name in names:
         buckets.create_bucket(name, srv._storage)
