@@ -1,12 +1,20 @@
-"""The demo cascade: a tiny base stage (32x32) and a tiny super-resolution stage (32 -> 64), trained
+"""The demo cascade: a tiny base stage (16x16) and a tiny super-resolution stage (16 -> 64), trained
 on the embedded procedurally generated shapes dataset with a tiny randomly initialised frozen T5.
 
     python -m imagen_jax.demo --workdir=demo_out           (both stages, sampling and scoring)
-    python -m imagen_jax.train --config=configs/demo.py:base --workdir=demo_out/base64
+    python -m imagen_jax.train --config=configs/demo.py:base --workdir=demo_out/base16
     python -m imagen_jax.train --config=configs/demo.py:sr --workdir=demo_out/sr64
 
-On the 2-core CPU machine the base stage's loss falls from ~1.0 to ~0.05 within its first minute;
-the whole demo takes about 10 minutes, and about 95% of the held-out samples have the prompt's colour. Point `text.t5_checkpoint` and `text.vocab` at a real T5X
+Why 16 -> 64: a train step of the old 32x32 base cost 23 GFLOP at batch 16 (0.9 s under load here,
+~7x an SR step); at 16x16 it is 12 GFLOP at batch 32 (0.37 s), while colour, background, position and
+size are all decided at low resolution; the SR stage trains on 32x32 crops of 64x64 images (2.5 GFLOP a
+step at batch 32, 0.1 s) and samples at 64x64.
+
+Measured 2026-12-02 on the 2-core "AMD EPYC" machine (AVX2, no AVX-512), shared with other jobs
+(1-minute load average 2-5): 561 s from start to scores (base 420 s incl. a 53 s compile, SR 110 s incl.
+14 s compile, sampling 30 s); held-out prompts at 64x64: colour 88% (chance 14%), background 62% (33%),
+position 25% (20%), shape 19% (17%) (imagen_jax/evaluation/shapes_score.py). So colour is learnt; background, position and shape are NOT yet at
+the issue's targets (90% / 70% / reported). Point `text.t5_checkpoint` and `text.vocab` at a real T5X
 checkpoint and SentencePiece model to condition on real T5 instead (and set model.text_dim).
 """
 from configs import common
@@ -24,24 +32,31 @@ def get_config(arg="base"):
     tiny = dict(head_dim=16, text_dim=64, cond_dim=128, num_groups=8, dtype="float32", remat=False,
                 attention_impl="xla")
     if arg == "base":
-        c.stage = "base64"  # the base stage, at 32x32 for the demo
-        c.data.image_size = 32
-        c.model.update(dict(image_size=32, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=(1, 1, 1),
-                            attn_levels=(False, False, True), cross_attn_levels=(False, False, False), **tiny))
-        c.train.batch_size = 16
-        c.train.num_steps = 2000
+        c.stage = "base64"  # the base stage, at 16x16 for the demo: colour, background, position, size
+        c.data.image_size = 16
+        c.model.update(dict(image_size=16, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=(1, 1, 1),
+                            attn_levels=(False, True, True), cross_attn_levels=(False, False, False), **tiny))
+        # v-prediction with min-SNR weighting measured best here (2026-12-02, 16 held-out prompts):
+        # colour 88% / background 62%; x0 unweighted: 25% / 62%; v unweighted (450 steps): 31% / 81%.
+        c.diffusion.prediction = "v"
+        c.diffusion.weighting = "min_snr"
+        c.train.batch_size = 32
+        c.train.num_steps = 600
         c.optimizer.learning_rate = 3e-3
-        c.sampling.update(dict(sampler="ddim", steps=50, guidance=5.0))
+        c.sampling.update(dict(sampler="ddim", steps=32, guidance=3.0))
     else:
-        c.stage = "sr256"  # an SR stage, 32 -> 64 for the demo
-        c.data.image_size = 64
-        c.diffusion.lowres_size = 32
-        c.model.update(dict(image_size=64, base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=(1, 1, 1),
-                            attn_levels=(False, False, True), cross_attn_levels=(False, False, False),
+        c.stage = "sr256"  # an SR stage, 16 -> 64 for the demo, trained on 32x32 crops
+        c.data.image_size = 32
+        c.data.full_size = 64
+        c.diffusion.lowres_size = 16
+        c.model.update(dict(image_size=32, base_channels=16, channel_mults=(1, 2, 4), num_res_blocks=(1, 1, 1),
+                            attn_levels=(False, False, False), cross_attn_levels=(False, False, False),
                             efficient=True, lowres_cond=True, **tiny))
+        c.diffusion.prediction = "v"
+        c.diffusion.weighting = "min_snr"
         c.diffusion.aug_max = 0.3          # the augmentation levels that sampling uses (paper: 0 to 0.3)
         c.optimizer.learning_rate = 3e-3
-        c.train.batch_size = 8
-        c.train.num_steps = 1000
-        c.sampling.update(dict(sampler="ddim", steps=25, guidance=1.0, aug_level=0.0))
+        c.train.batch_size = 32
+        c.train.num_steps = 600
+        c.sampling.update(dict(sampler="ddim", steps=16, guidance=1.0, aug_level=0.1))
     return c
