@@ -9,14 +9,11 @@ import pytest
 
 from imagen_jax import cascade, parallel
 from imagen_jax.diffusion import keys
-from stage_utils import make_workdir
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-    root = tmp_path_factory.mktemp("noise")
-    make_workdir(root / "base", "base64")
-    return [str(root / "base")]
+def stages(tiny_base):  # the session's tiny base64 workdir (conftest)
+    return [tiny_base]
 
 
 def _text(sts, n=6):
@@ -27,26 +24,30 @@ def _text(sts, n=6):
     return text, mask
 
 
-def _run(dirs, devices, batch_size, rows=slice(None), ids=None):
+def _samplers(dirs, devices):
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=devices)
     sts = [cascade.load_stage(d, mesh) for d in dirs]
-    samplers = [cascade.make_sampler(st, mesh, cascade.StageSettings(steps=2, guidance=2.0)) for st in sts]
-    text, mask = _text(sts)
+    return [cascade.make_sampler(st, mesh, cascade.StageSettings(steps=2, guidance=2.0)) for st in sts]
+
+
+def _run(samplers, batch_size, rows=slice(None), ids=None):
+    text, mask = _text([s.stage for s in samplers])
     outs, _ = cascade.run_cascade(samplers, text[rows], mask[rows], 7, batch_size=batch_size, log=None,
                                   progress=False, image_ids=ids)
-    return outs
+    return outs[-1]
 
 
 def test_images_do_not_depend_on_batch_size_or_devices(stages):
-    one = _run(stages, jax.devices()[:1], 2)[0]       # 1 device, batches of 2
-    eight = _run(stages, jax.devices(), 8)[0]         # 8 devices, one padded batch of 8
-    eight_three = _run(stages, jax.devices(), 3)[0]   # 8 devices, batches of 3 padded to 8
+    one_device, eight_devices = _samplers(stages, jax.devices()[:1]), _samplers(stages, jax.devices())
+    one = _run(one_device, 2)                  # 1 device, batches of 2
+    eight = _run(eight_devices, 8)             # 8 devices, one padded batch of 8
+    eight_three = _run(eight_devices, 3)       # 8 devices, batches of 3 padded to 8
     assert one.shape[0] == 6
     np.testing.assert_array_equal(one, eight)
     np.testing.assert_array_equal(one, eight_three)
     assert len({one[i].tobytes() for i in range(6)}) == 6  # different ids, different noise
     # A resumed FID shard: captions 3..5 sampled on their own, with their ids, are those images.
-    part = _run(stages, jax.devices()[:2], 2, rows=slice(3, 6), ids=[3, 4, 5])[0]
+    part = _run(eight_devices, 8, rows=slice(3, 6), ids=[3, 4, 5])
     np.testing.assert_array_equal(part, one[3:])
 
 

@@ -1,12 +1,13 @@
 """A resume whose config does not restore the workdir's checkpoints writes nothing: config.json
 (and every other file) stays byte-identical, and the failure is one message, not a traceback."""
+import json
 import os
 
 import pytest
 
 from imagen_jax import cli
 from imagen_jax.training import loop as train_lib
-from stage_utils import make_workdir, shapes_vocab, tiny_config
+from stage_utils import tiny_config
 
 
 def _snapshot(root):
@@ -19,15 +20,17 @@ def _snapshot(root):
     return out
 
 
-def test_mismatched_resume_leaves_workdir_unchanged(tmp_path, capsys):
-    vocab = shapes_vocab(tmp_path)
-    wd = tmp_path / "wd"
-    make_workdir(wd, "base64", vocab=vocab, **{"optimizer.name": "adam"})
+def test_mismatched_resume_leaves_workdir_unchanged(tiny_base, capsys):
+    wd = tiny_base  # the session's tiny base64 workdir (Adam state); nothing may change in it
+    with open(os.path.join(wd, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["optimizer"]["name"] == "adam"
+    vocab = saved["text"]["vocab"]
     before = _snapshot(wd)
     # Same model (so the workdir check passes), another optimizer: its state does not restore.
     c = tiny_config("base64", **{"optimizer.name": "adafactor"})
     c.text.vocab = vocab
-    rc = cli.run(train_lib.train, c, str(wd))
+    rc = cli.run(train_lib.train, c, wd)
     err = capsys.readouterr().err
     assert rc != 0 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert "could not be restored" in err, err  # the restore failed, after which nothing may be written
