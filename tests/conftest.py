@@ -29,21 +29,7 @@ def tiny_base(tmp_path_factory):
     """A tiny base64 workdir (random parameters, the demo vocabulary), built once per session."""
     from stage_utils import make_workdir, shapes_vocab
 
-    root = tmp_path_factory.mktemp("tiny_cascade")
+    root = tmp_path_factory.mktemp("tiny_base")
     make_workdir(root / "base64", "base64", vocab=shapes_vocab(root), seed=0)
     return str(root / "base64")
 
-
-@pytest.fixture(scope="session")
-def tiny_cascade(tiny_base):
-    """[base64, sr256] tiny workdirs (16 -> 64), built once per session."""
-    import json
-    import os
-
-    from stage_utils import make_workdir
-
-    root = os.path.dirname(tiny_base)
-    with open(os.path.join(tiny_base, "config.json")) as f:
-        vocab = json.load(f)["text"]["vocab"]
-    make_workdir(os.path.join(root, "sr256"), "sr256", vocab=vocab, seed=1)
-    return [tiny_base, os.path.join(root, "sr256")]
