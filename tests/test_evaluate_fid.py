@@ -223,6 +223,7 @@ def test_end_to_end_resume_and_sweep(env, tmp_path, monkeypatch, capsys):
     assert rec["kid"]["std"] >= 0 and rec["kid"]["subset_size"] == 6
     assert rec["zero_shot"] is True and rec["protocol"].startswith("zero-shot")
     assert rec["generation"]["noise"] == protocol.NOISE_SCHEME and "batch_size" not in run_file
+    assert run_file["text_encoder"] == rec["text_encoder"] and "RANDOMLY INITIALISED T5" in run_file["text_encoder"]
 
     # --- 3: rerun: nothing sampled, reference statistics read from the cache ---
     def no_reference_images(*args, **kwargs):

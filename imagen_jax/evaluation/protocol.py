@@ -375,7 +375,8 @@ class Evaluator:
             "captions_seed": captions.seed, "num_captions": n, "coco": p.coco,
             "captions_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
             "seed": p.seed, "noise": NOISE_SCHEME, "shard_size": p.shard_size, "resolution": p.resolution,
-            "stages": self.stage_records(), "inception": self.inception_id()})
+            "stages": self.stage_records(), "inception": self.inception_id(),
+            "text_encoder": getattr(self.cond, "description", None)})
         store = FeatureStore(directory, n, p.shard_size, inception.FEATURE_DIM)
         clip_store = None
         if self.clip is not None:
