@@ -142,14 +142,14 @@ def test_reference_statistics_cached(coco_dir, tmp_path, monkeypatch):
     again = coco.reference_statistics(coco_dir, params, cache, count=4, size=8, batch_size=3)
     assert calls == [3, 1]  # served from the cache
     assert np.array_equal(again[0], mu)
-    (file,) = os.listdir(cache)
+    (file,) = [f for f in os.listdir(cache) if f.endswith(".npz")]  # and its features, kept beside it
     meta = fid.load_statistics_meta(cache / file)
     assert meta["count"] == "4" and meta["size"] == "8" and meta["num_images"] == "4"
 
     coco.reference_statistics(coco_dir, params, cache, count=None, size=8)  # another key
     coco.reference_statistics(coco_dir, params, cache, count=4, size=16)
     coco.reference_statistics(coco_dir, {"w": np.zeros(3, np.float32)}, cache, count=4, size=8)
-    assert len(os.listdir(cache)) == 4
+    assert len([f for f in os.listdir(cache) if f.endswith(".npz")]) == 4
 
     calls.clear()
     with pytest.raises(ValueError, match=r"coco.*has only 5 reference images, but count=50"):

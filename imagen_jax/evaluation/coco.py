@@ -373,14 +373,23 @@ def reference_statistics(
     replicated = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
                   if mesh is not None else None)
     params = jax.device_put(params, replicated)
-    store = FeatureStore(reference_features_dir(cache_file), len(ids), shard_size, inception.FEATURE_DIM)
-    missing = set(store.missing())
-    done = len(ids) - sum(b - a for a, b in map(store.shard_range, missing))
+    fdir = reference_features_dir(cache_file)
+    store = None
+    if os.path.isfile(os.path.join(fdir, "store.json")):  # an interrupted pass: its feature width
+        with open(os.path.join(fdir, "store.json")) as f:
+            store = FeatureStore(fdir, len(ids), shard_size, json.load(f)["dim"])
+    num_shards = -(-len(ids) // shard_size)
+    shard_range = lambda i: (i * shard_size, min((i + 1) * shard_size, len(ids)))  # noqa: E731
+    missing = set(store.missing()) if store else set(range(num_shards))
+    done = len(ids) - sum(b - a for a, b in map(shard_range, missing))
     bar = tqdm(total=len(ids), initial=done, desc="reference images", unit="img", disable=not progress)
 
     def finish(index, images):
+        nonlocal store
         feats = np.concatenate([inception.features(params, b, batch_size=batch_size, mesh=mesh)
                                 for b in _batches(iter(images), batch_size)])
+        if store is None:
+            store = FeatureStore(fdir, len(ids), shard_size, feats.shape[1])
         store.write(index, feats)
         bar.update(len(images))
 
@@ -391,7 +400,7 @@ def reference_statistics(
             pos += 1
             if index in missing:
                 buf.append(image)
-                if len(buf) == store.shard_range(index)[1] - store.shard_range(index)[0]:
+                if len(buf) == shard_range(index)[1] - shard_range(index)[0]:
                     finish(index, buf)
                     buf = []
         if pos != len(ids):
@@ -399,7 +408,7 @@ def reference_statistics(
     else:  # directory: id order, so each missing shard reads only its own files
         order = sorted(int(i) for i in ids)
         for index in sorted(missing):
-            a, b = store.shard_range(index)
+            a, b = shard_range(index)
             images = list(iter_reference_images(source, size, image_ids=order[a:b], data_dir=data_dir))
             if len(images) != b - a:
                 raise ValueError(f"COCO source {source!r} yielded {len(images)} reference images "
