@@ -5,13 +5,12 @@ ifGenerationNotMatch preconditions (OCDBT commits its manifest with a conditiona
 
     python tests/gcs_emulator.py PORT BUCKET [BUCKET ...]
 
-serves until killed and prints `ready` once the buckets exist. Clients find it through
+serves until its stdin closes and prints `ready` once the buckets exist. Clients find it through
 STORAGE_EMULATOR_HOST (google-cloud-storage, gcsfs) and TENSORSTORE_GCS_HTTP_URL (tensorstore).
 """
 import http.server
 import sys
 import threading
-import time
 from http import HTTPStatus
 
 from gcp_storage_emulator import server
@@ -92,8 +91,9 @@ def main(argv):
     srv.start()
     print("ready", flush=True)
     try:
-        while True:
-            time.sleep(3600)
+        # Serves until stdin closes (the parent exited): its last gs:// uploads (tensorboardX's
+        # writers flush again when collected at interpreter exit) still find the server.
+        sys.stdin.read()
     finally:
         srv.stop()
 

@@ -30,6 +30,9 @@ OVERRIDES = {"train.num_steps": 3, "train.log_every": 1, "train.ckpt_every": 100
              "train.compilation_cache": CACHE, "sampling.steps": 2}
 
 
+_EMULATORS = []
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,7 +44,7 @@ def gcs():
     """The emulator's address; the clients' environment points at it while the module runs."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "gcs_emulator.py"), str(port), BUCKET],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         url = f"http://127.0.0.1:{port}"
@@ -56,8 +59,10 @@ def gcs():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        proc.terminate()
-        proc.wait(timeout=30)
+        # Not stopped here: tensorboardX's gs:// writers upload again when collected at interpreter
+        # exit (each retrying for two minutes if the server is gone); it exits when this process does
+        # (its stdin, held open here, closes).
+        _EMULATORS.append(proc)
 
 
 @pytest.fixture(scope="module")
