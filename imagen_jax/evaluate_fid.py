@@ -121,6 +121,7 @@ def run(args, log=print):
     from imagen_jax.evaluation import inception, protocol
     from imagen_jax.sampling import StageConditioner, settings_for
 
+    parallel.maybe_initialize_distributed()  # on a pod (launch/tpu.sh), before jax is first used
     coco_source = TFDS_DEFAULT if args.coco == "tfds" else (args.coco or "none")
     proto = protocol.Protocol(reference_stats=args.reference_stats, distinct_images=args.distinct_images,
         coco=coco_source, num_samples=args.num_samples, caption_seed=args.caption_seed, seed=args.seed,
