@@ -1,10 +1,11 @@
 """One CLI convention: every entry point's --help exits 0 and names every flag the tool defines;
 a bad integer value and a missing required flag exit 2 with one line, no traceback, no absl dump."""
-import json
 import os
 import re
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forked_tools import run_tools  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = ("train", "sample", "export", "evaluate_fid", "encode_text", "inspect", "demo")
@@ -13,42 +14,6 @@ TOOLS = ("train", "sample", "export", "evaluate_fid", "encode_text", "inspect", 
 DEFINE = re.compile(r"""(?:flags\.DEFINE_\w+|cli\.define_config)\(\s*["'](\w+)["']""")
 INTEGER = re.compile(r"""flags\.DEFINE_integer\(\s*["'](\w+)["']""")
 
-# Each case in its own forked process, from one that imported the heavy dependencies once; up to
-# two at a time (the CI machine has two cores).
-RUNNER = r"""
-import json, os, runpy, sys
-import jax, flax.linen, optax, orbax.checkpoint, ml_collections  # noqa: F401
-import imagen_jax.cascade, imagen_jax.sampling, imagen_jax.bundle, imagen_jax.training  # noqa: F401
-jobs, running, codes = json.load(sys.stdin), {}, {}
-def reap():
-    pid, status = os.wait()
-    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-for i, (tool, argv, out, err) in enumerate(jobs):
-    if len(running) >= 2:
-        reap()
-    pid = os.fork()
-    if pid == 0:
-        os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT), 1)
-        os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT), 2)
-        sys.argv = [f"imagen_jax/{tool}.py", *argv]
-        code = 0
-        try:
-            runpy.run_module(f"imagen_jax.{tool}", run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            code = 99
-        sys.stdout.flush(); sys.stderr.flush()
-        os._exit(code)
-    running[pid] = i
-while running:
-    reap()
-print(json.dumps([codes[i] for i in range(len(jobs))]))
-"""
-
-
 def tool_flags(tool):
     with open(os.path.join(ROOT, "imagen_jax", f"{tool}.py")) as f:
         src = f.read()
@@ -56,17 +21,6 @@ def tool_flags(tool):
     names = set(DEFINE.findall(src))
     ints = INTEGER.findall(src)
     return names, ints
-
-
-def run_tools(jobs, tmp):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    spec = [(tool, argv, str(tmp / f"{i}.out"), str(tmp / f"{i}.err")) for i, (tool, argv) in enumerate(jobs)]
-    r = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(spec), cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    codes = json.loads(r.stdout.strip().splitlines()[-1])
-    return [(c, open(s[2]).read(), open(s[3]).read()) for c, s in zip(codes, spec)]
 
 
 def test_help_and_bad_flags(tmp_path):

@@ -3,12 +3,14 @@ names the problem, a non-zero exit status, no traceback, and every file already 
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from imagen_jax import cli, sampling
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import forked_tools  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,46 +110,9 @@ def cases(r):
     ]
 
 
-# Each case runs in its own process, forked from one that has imported the tools' heavy
-# dependencies (jax, flax, orbax...) but not the tools themselves: a real `python -m imagen_jax.X`
-# process image without paying each tool's 4 s of imports 37 times on a 2-core machine.
-FORK_RUNNER = r"""
-import json, os, runpy, sys
-import jax, flax.linen, optax, orbax.checkpoint, ml_collections  # noqa: F401
-import imagen_jax.cascade, imagen_jax.sampling, imagen_jax.bundle, imagen_jax.training  # noqa: F401
-results = []
-for tool, argv, out, err in json.load(sys.stdin):
-    pid = os.fork()
-    if pid == 0:
-        os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT), 1)
-        os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT), 2)
-        sys.argv = [f"imagen_jax/{tool}.py", *argv]
-        code = 0
-        try:
-            runpy.run_module(f"imagen_jax.{tool}", run_name="__main__", alter_sys=True)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            code = 99
-        sys.stdout.flush(); sys.stderr.flush()
-        os._exit(code)
-    results.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(results))
-"""
-
-
 def run_tools(todo, tmp):
     """[(returncode, stderr)] of `python -m imagen_jax.<tool> <argv>` for each (tool, argv, ...)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one device is enough to be refused
-    jobs = [(tool, argv, str(tmp / f"{i}.out"), str(tmp / f"{i}.err")) for i, (tool, argv, _) in enumerate(todo)]
-    r = subprocess.run([sys.executable, "-c", FORK_RUNNER], input=json.dumps(jobs), cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    codes = json.loads(r.stdout.strip().splitlines()[-1])
-    return [(c, open(j[3]).read()) for c, j in zip(codes, jobs)]
+    return [(code, err) for code, _, err in forked_tools.run_tools([(t, argv) for t, argv, _ in todo], tmp)]
 
 
 def test_bad_input_sweep(land, tmp_path):
