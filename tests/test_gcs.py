@@ -65,6 +65,23 @@ def gcs():
         _EMULATORS.append(proc)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def restore_compilation_cache():
+    """The in-process training run turns on jax's persistent compilation cache at a gs:// path (a
+    process-wide setting); later test modules must not compile through it once the emulator's
+    environment is gone (every compile would then wait on unreachable GCS)."""
+    import jax
+    from jax._src import compilation_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module")
 def cwd(tmp_path_factory):
     """Tests run from an empty directory, so a path mistaken for a local one shows up as ./gs:."""
