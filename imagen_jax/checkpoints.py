@@ -46,14 +46,12 @@ def load_config(workdir):
 
 
 def available_steps(workdir):
-    """The complete checkpoints' steps, as orbax lists them (unfinished saves are not steps)."""
-    if not paths.isdir(checkpoint_dir(workdir)):
-        return []
-    mngr = manager(workdir, async_save=False, create=False)
-    try:
-        return sorted(int(s) for s in mngr.all_steps())
-    finally:
-        mngr.close()
+    """The complete checkpoints' steps, as orbax lists them (unfinished saves are not steps).
+
+    No CheckpointManager here: its constructor runs cross-host barriers, and on a pod one host can
+    see the directory (another host just created it) while a slower one does not, so a manager
+    built on one host only would pair its barrier with another host's different barrier."""
+    return sorted(int(s) for s in ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
 
 
 def save(mngr, step, state, meta):
