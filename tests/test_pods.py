@@ -23,6 +23,7 @@ def run_inspect(name):
     accelerator = (pods.PODS.get(name) or pods.SAMPLING[name])[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # libtpu makes the topology; no TPU is touched
     env.pop("XLA_FLAGS", None)  # the 8 simulated CPU devices of the unit tests play no part here
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's CPU cache (conftest.py): no pod programs in it
     cmd = [sys.executable, "-m", "imagen_jax.inspect", f"--config=configs/pods.py:{name}",
            f"--topology={accelerator}", "--compile"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
