@@ -12,8 +12,9 @@
 --coco: 'tfds' (TFDS coco_captions, all val2014 images), 'tfds:NAME', or a directory with
 captions_val2014.json and val2014/. --inception: pytorch-fid's FID Inception weights
 (https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth).
---clip: a local Hugging Face CLIP directory (e.g. openai/clip-vit-large-patch14); without it the
-CLIP score is skipped.
+--clip: a Hugging Face CLIP directory (e.g. openai/clip-vit-large-patch14); without it the
+CLIP score is skipped. Every path above (stages, weights, COCO directory, EVAL_DIR, caches,
+statistics, image folder, CLIP) may be local or gs:// (imagen_jax/paths.py).
 
 Writes EVAL_DIR/fid.json (FID, KID, CLIP score, every setting and seed, software versions) and, with
 --sweep, EVAL_DIR/sweep.{json,md,png,svg} (FID per base-stage guidance weight on --sweep_samples
@@ -28,7 +29,7 @@ import types
 
 from absl import flags
 
-from imagen_jax import cli
+from imagen_jax import cli, paths
 
 TFDS_DEFAULT = "tfds:coco_captions"
 
@@ -82,7 +83,7 @@ flags.DEFINE_string("cache_dir", None, "Reference statistics / converted weights
 flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir for --coco tfds.", **_F)
 flags.DEFINE_list("sweep", None, "Base-stage guidance weights to sweep, comma-separated.", **_F)
 flags.DEFINE_integer("sweep_samples", 10000, "Captions per guidance weight of the sweep.", **_F)
-flags.DEFINE_string("clip", None, "Local Hugging Face CLIP directory for the CLIP score (optional).", **_F)
+flags.DEFINE_string("clip", None, "Hugging Face CLIP directory for the CLIP score (optional; local or gs://).", **_F)
 flags.DEFINE_string("clip_device", "auto", "torch device of the CLIP model (auto: cuda if available).", **_F)
 flags.DEFINE_integer("clip_batch", 32, "Images per CLIP batch.", lower_bound=1, **_F)
 flags.DEFINE_bool("quiet", False, "No progress bar.", **_F)
@@ -128,12 +129,12 @@ def run(args, log=print):
         shard_size=args.shard_size, batch_size=args.batch_size, resolution=args.resolution,
         reference_count=args.reference_count, inception_batch=args.inception_batch,
         save_images=args.save_images, tfds_data_dir=args.tfds_data_dir)
-    if args.coco is not None and not coco_source.startswith("tfds:") and not os.path.isdir(coco_source):
+    if args.coco is not None and not coco_source.startswith("tfds:") and not paths.isdir(coco_source):
         raise protocol.ProtocolError(f"--coco {coco_source!r} is not a directory (nor 'tfds' / 'tfds:NAME')")
-    cache_dir = os.path.abspath(args.cache_dir or os.path.join(args.workdir, "cache"))
+    cache_dir = paths.absolute(args.cache_dir or paths.join(args.workdir, "cache"))
 
     # Cheap failures first: weights, stage directories and their order, settings.
-    if not os.path.isfile(args.inception):
+    if not paths.isfile(args.inception):
         raise protocol.ProtocolError(f"FID Inception weights not found at {args.inception!r}; expected pytorch-fid's "
                                      f"{inception.WEIGHTS_FILENAME} (download it from {inception.WEIGHTS_URL})")
     weights_sha256 = inception.check_sha256(args.inception, args.inception_sha256 or inception.WEIGHTS_SHA256)
@@ -143,7 +144,7 @@ def run(args, log=print):
         evaluator = protocol.Evaluator(args.workdir, proto, samplers=[], cond=None, inception_params=params,
                                        mesh=mesh, cache_dir=cache_dir, progress=not args.quiet, log=log)
         return {"fid": evaluator.evaluate_folder(args.images, {
-            "inception_weights": os.path.abspath(args.inception), "inception_sha256": weights_sha256,
+            "inception_weights": paths.absolute(args.inception), "inception_sha256": weights_sha256,
             "command": "python -m imagen_jax.evaluate_fid " + " ".join(args.argv)}), "sweep": None}
     stage_dirs = [d for d in args.stages.split(",") if d.strip()]
     stages = [cascade.load_stage(d, mesh, accept_license=args.accept_license, dtype=getattr(args, "dtype", None))
@@ -165,7 +166,7 @@ def run(args, log=print):
     evaluator = protocol.Evaluator(args.workdir, proto, samplers=samplers, cond=cond, inception_params=params,
                                    mesh=mesh, clip=clip, cache_dir=cache_dir, progress=not args.quiet, log=log)
     evaluator.reference()  # a short or broken COCO source fails here, before any sampling
-    extra = {"text_encoder": cond.description, "inception_weights": os.path.abspath(args.inception),
+    extra = {"text_encoder": cond.description, "inception_weights": paths.absolute(args.inception),
              "inception_sha256": weights_sha256,
              "command": "python -m imagen_jax.evaluate_fid " + " ".join(args.argv)}
     if any(getattr(st, "family", "imagen") == "deepfloyd_if" for st in stages):
@@ -189,6 +190,10 @@ def main(argv=None):
     args.argv = argv
 
     def _run():
+        # A gs:// output's bucket and credentials are checked before anything is read or written.
+        for out in (args.workdir, args.cache_dir):
+            if out:
+                paths.check_bucket(out)
         check_workdir(args.workdir)
         run(args)
 
@@ -199,11 +204,9 @@ def main(argv=None):
 def check_workdir(workdir):
     """--workdir must be creatable, and an existing non-empty one must be an earlier evaluation
     (captions.json, samples/, cache/, sweep/ or fid.json): resuming writes into it, so it is never a training workdir or a bundle."""
-    from etils import epath
-
     cli.check_output(workdir, "--workdir")
-    d = epath.Path(workdir)
-    if "://" in os.fspath(workdir) or not d.is_dir() or not any(d.iterdir()):
+    d = paths.path(workdir)
+    if not d.is_dir() or not any(d.iterdir()):
         return
     if any((d / n).exists() for n in ("config.json", "info.json", "checkpoints")) or not any(
             (d / n).exists() for n in ("captions.json", "fid.json", "cache", "samples", "sweep")):

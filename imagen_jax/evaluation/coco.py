@@ -1,7 +1,7 @@
 """COCO 2014 validation set for zero-shot FID: captions, reference images, statistics.
 
 Sources (the `source` argument everywhere):
-  * a local directory laid out as COCO ships it:
+  * a directory (local or gs://) laid out as COCO ships it:
         <root>/captions_val2014.json   (or <root>/annotations/captions_val2014.json)
         <root>/val2014/COCO_val2014_000000000042.jpg ...
     The JSON is COCO's: {"images": [{"id", "file_name", ...}],
@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
+
+from imagen_jax import paths
 
 TFDS_PREFIX = "tfds:"
 ANNOTATIONS_FILE = "captions_val2014.json"
@@ -70,16 +73,11 @@ class CaptionSample:
             "indices": list(self.indices),
             "captions": [dataclasses.asdict(c) for c in self.captions],
         }
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
+        paths.write_text(path, json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CaptionSample":
-        with open(os.fspath(path)) as f:
-            data = json.load(f)
+        data = json.loads(paths.read_text(path))
         return cls(
             seed=int(data["seed"]),
             indices=tuple(int(i) for i in data["indices"]),
@@ -114,20 +112,19 @@ def _import_tfds():
 
 
 def _annotations_path(root: str) -> str:
-    for cand in (os.path.join(root, ANNOTATIONS_FILE), os.path.join(root, "annotations", ANNOTATIONS_FILE)):
-        if os.path.isfile(cand):
+    for cand in (paths.join(root, ANNOTATIONS_FILE), paths.join(root, "annotations", ANNOTATIONS_FILE)):
+        if paths.isfile(cand):
             return cand
     raise FileNotFoundError(
         f"COCO source {root!r}: no {ANNOTATIONS_FILE} in it or in its annotations/ folder")
 
 
 def _read_json(root: str) -> dict:
-    if not os.path.isdir(root):
+    if not paths.isdir(root):
         raise FileNotFoundError(
             f"COCO source {root!r} is not a directory (nor a '{TFDS_PREFIX}...' TFDS name)")
     path = _annotations_path(root)
-    with open(path) as f:
-        data = json.load(f)
+    data = json.loads(paths.read_text(path))
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise ValueError(f"{path!r} is not a COCO captions file: expected keys 'images' and 'annotations'")
     return data
@@ -283,10 +280,10 @@ def iter_reference_images(
     if unknown:
         raise ValueError(f"COCO source {root!r} has no images with ids {unknown[:5]}")
     for image_id in sorted(wanted):
-        path = os.path.join(root, IMAGE_DIR, names[image_id])
-        if not os.path.isfile(path):
+        path = paths.join(root, IMAGE_DIR, names[image_id])
+        if not paths.isfile(path):
             raise FileNotFoundError(f"COCO image {image_id} listed in {ANNOTATIONS_FILE} is missing: {path!r}")
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(paths.read_bytes(path))) as im:
             yield preprocess_reference(im, size)
 
 
@@ -313,7 +310,7 @@ def _params_fingerprint(params) -> str:
 
 
 def _canonical_source(source) -> str:
-    return source if _is_tfds(source) else os.path.abspath(os.fspath(source))
+    return source if _is_tfds(source) else paths.absolute(source)
 
 
 REFERENCE_SHARD = 1000  # reference images per resumable feature shard
@@ -333,7 +330,7 @@ def reference_cache_file(cache_path, source, count: int | None, size: int, seed:
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     tag = "all" if count is None else str(count)
-    return os.path.join(os.fspath(cache_path), f"coco_ref_{tag}_{size}px_{digest}.npz"), key
+    return paths.join(cache_path, f"coco_ref_{tag}_{size}px_{digest}.npz"), key
 
 
 def reference_statistics(
@@ -362,7 +359,7 @@ def reference_statistics(
     from imagen_jax.evaluation.features import FeatureStore
 
     cache_file, key = reference_cache_file(cache_path, source, count, size, seed, params)
-    if os.path.isfile(cache_file):
+    if paths.isfile(cache_file):
         return fid.load_statistics(cache_file)
     all_ids = [i for i, _ in list_images(source, data_dir=data_dir)]
     ids = select_reference_ids(all_ids, count, seed, source)  # fails fast if too few
@@ -375,9 +372,9 @@ def reference_statistics(
     params = jax.device_put(params, replicated)
     fdir = reference_features_dir(cache_file)
     store = None
-    if os.path.isfile(os.path.join(fdir, "store.json")):  # an interrupted pass: its feature width
-        with open(os.path.join(fdir, "store.json")) as f:
-            store = FeatureStore(fdir, len(ids), shard_size, json.load(f)["dim"])
+    if paths.isfile(paths.join(fdir, "store.json")):  # an interrupted pass: its feature width
+        dim = json.loads(paths.read_text(paths.join(fdir, "store.json")))["dim"]
+        store = FeatureStore(fdir, len(ids), shard_size, dim)
     num_shards = -(-len(ids) // shard_size)
     shard_range = lambda i: (i * shard_size, min((i + 1) * shard_size, len(ids)))  # noqa: E731
     missing = set(store.missing()) if store else set(range(num_shards))

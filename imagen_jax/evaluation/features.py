@@ -7,9 +7,10 @@ Sampling 30k images takes hours, so features are written shard by shard:
       shard-00000.npy         float32 [n_0, dim]
       shard-00001.npy         ...
 
-A shard file appears only once complete: it is written to a temporary name
-in the same directory and renamed (`os.replace` is atomic on POSIX), so a run
-killed mid-write leaves at most a stray temp file, never a truncated shard. A
+A shard file appears only once complete: locally it is written to a temporary
+name in the same directory and renamed (`os.replace` is atomic on POSIX), so a
+run killed mid-write leaves at most a stray temp file, never a truncated shard;
+on gs:// (through `imagen_jax.paths`) an object upload is atomic by itself. A
 resumed run asks `missing()` and computes only those shards; `concatenate()`
 joins them in index order once all are there.
 
@@ -18,6 +19,7 @@ Shard i covers items [i * shard_size, min((i + 1) * shard_size, total)).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -25,6 +27,8 @@ import tempfile
 from typing import Callable
 
 import numpy as np
+
+from imagen_jax import paths
 
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.npy$")
 
@@ -44,13 +48,12 @@ class FeatureStore:
         self.workdir = os.fspath(workdir)
         self.total, self.shard_size, self.dim = int(total), int(shard_size), int(dim)
         self.num_shards = -(-self.total // self.shard_size)
-        os.makedirs(self.workdir, exist_ok=True)
+        paths.makedirs(self.workdir)
         layout = {"dim": self.dim, "num_shards": self.num_shards,
                   "shard_size": self.shard_size, "total": self.total}
-        meta = os.path.join(self.workdir, "store.json")
-        if os.path.exists(meta):
-            with open(meta) as f:
-                found = json.load(f)
+        meta = paths.join(self.workdir, "store.json")
+        if paths.exists(meta):
+            found = json.loads(paths.read_text(meta))
             if found != layout:
                 raise ValueError(
                     f"feature store {self.workdir!r} was created with {found}, "
@@ -61,7 +64,7 @@ class FeatureStore:
     # -- layout -----------------------------------------------------------------
 
     def shard_path(self, index: int) -> str:
-        return os.path.join(self.workdir, f"shard-{index:05d}.npy")
+        return paths.join(self.workdir, f"shard-{index:05d}.npy")
 
     def shard_range(self, index: int) -> tuple[int, int]:
         """[start, stop) of the items in shard `index`."""
@@ -78,7 +81,7 @@ class FeatureStore:
     def finished(self) -> list[int]:
         """Indices of shards already on disk, ascending."""
         done = []
-        for name in os.listdir(self.workdir):
+        for name in paths.listdir(self.workdir):
             m = _SHARD_RE.match(name)
             if m and int(m.group(1)) < self.num_shards:
                 done.append(int(m.group(1)))
@@ -95,6 +98,11 @@ class FeatureStore:
     # -- io -----------------------------------------------------------------------
 
     def _atomic_write(self, path: str, write: Callable) -> None:
+        if paths.is_remote(path):
+            buf = io.BytesIO()
+            write(buf)
+            paths.write_bytes(path, buf.getvalue())
+            return
         fd, tmp = tempfile.mkstemp(dir=self.workdir, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -123,9 +131,9 @@ class FeatureStore:
         """float32 [n, dim] features of a finished shard."""
         start, stop = self.shard_range(index)
         path = self.shard_path(index)
-        if not os.path.exists(path):
+        if not paths.exists(path):
             raise FileNotFoundError(f"shard {index} is not finished: {path!r} does not exist")
-        x = np.load(path, allow_pickle=False)
+        x = np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
         if x.shape != (stop - start, self.dim):
             raise ValueError(f"{path!r} holds shape {x.shape}, expected {(stop - start, self.dim)}")
         return x

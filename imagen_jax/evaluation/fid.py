@@ -12,6 +12,7 @@ keys pytorch-fid's `--save-stats` writes, so either side can read the other's.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -19,6 +20,8 @@ from typing import Any, Mapping
 
 import numpy as np
 from scipy import linalg
+
+from imagen_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +80,18 @@ def fid_from_features(features1, features2) -> float:
 
 
 def save_statistics(path: str | os.PathLike, mu, sigma, meta: Mapping[str, Any] | None = None) -> None:
-    """Write `mu` [D], `sigma` [D, D] (and string-valued `meta`) to an .npz, atomically."""
+    """Write `mu` [D], `sigma` [D, D] (and string-valued `meta`) to an .npz (local or gs://), atomically."""
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
     arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
     for k, v in (meta or {}).items():
         arrays[f"meta_{k}"] = np.array(str(v))
+    if paths.is_remote(path):
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        paths.write_bytes(path, buf.getvalue())  # a GCS upload is atomic by itself
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -98,9 +106,9 @@ def save_statistics(path: str | os.PathLike, mu, sigma, meta: Mapping[str, Any] 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read (mu [D], sigma [D, D]) float64 from an .npz with keys `mu` and `sigma`."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(f"FID statistics file not found: {path!r}")
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as z:
         if "mu" not in z.files or "sigma" not in z.files:
             raise ValueError(f"{path!r} has arrays {z.files}; expected 'mu' and 'sigma'")
         mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
@@ -110,7 +118,7 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 def load_statistics_meta(path: str | os.PathLike) -> dict[str, str]:
     """The `meta` strings stored by `save_statistics`."""
-    with np.load(os.fspath(path), allow_pickle=False) as z:
+    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as z:
         return {k[len("meta_"):]: str(z[k]) for k in z.files if k.startswith("meta_")}
 
 

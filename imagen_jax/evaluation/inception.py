@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from imagen_jax import paths
+
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
@@ -791,7 +793,7 @@ def source_sha256(path: str | os.PathLike) -> str:
     converted from ('' if it does not say)."""
     path = os.fspath(path)
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as z:
             return str(z["__source_sha256__"]) if "__source_sha256__" in z.files else ""
     return _sha256(path)
 
@@ -809,7 +811,7 @@ def check_sha256(path: str | os.PathLike, expected: str = WEIGHTS_SHA256) -> str
 
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -818,10 +820,15 @@ def _sha256(path: str) -> str:
 def save_params(params: Params, path: str | os.PathLike, source_sha256: str = "") -> None:
     """Write converted params to `path` (.npz), atomically (temp file + rename)."""
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     flat["__source_sha256__"] = np.array(source_sha256)
+    if paths.is_remote(path):
+        buf = io.BytesIO()
+        np.savez(buf, **flat)
+        paths.write_bytes(path, buf.getvalue())  # a GCS upload is atomic by itself
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -836,7 +843,7 @@ def save_params(params: Params, path: str | os.PathLike, source_sha256: str = ""
 def load_params(path: str | os.PathLike) -> Params:
     """Read params written by `save_params`, checking every shape."""
     path = os.fspath(path)
-    with np.load(path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as z:
         flat = {k: z[k] for k in z.files if not k.startswith("__")}
     expected = {"/".join(p): s for p, s in _param_shapes().items()}
     missing = sorted(set(expected) - set(flat))
@@ -868,16 +875,22 @@ def load(
     of float32 NumPy arrays.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise FileNotFoundError(
             f"FID Inception weights not found at {path!r}; expected pytorch-fid's "
             f"{WEIGHTS_FILENAME} (download it from {WEIGHTS_URL})"
         )
     if path.endswith(".npz"):
         return load_params(path)
+    if paths.is_remote(path):  # torch.load and the safe reader read local files; errors name the gs:// path
+        with paths.local_file(path) as local:
+            try:
+                return load(local, cache_path, use_torch=use_torch)
+            except ValueError as e:
+                raise ValueError(str(e).replace(local, path)) from None
     digest = _sha256(path)
-    if cache_path is not None and os.path.isfile(cache_path):
-        with np.load(cache_path, allow_pickle=False) as z:
+    if cache_path is not None and paths.isfile(cache_path):
+        with np.load(io.BytesIO(paths.read_bytes(cache_path)), allow_pickle=False) as z:
             cached_digest = str(z["__source_sha256__"]) if "__source_sha256__" in z.files else ""
         if cached_digest == digest:
             return load_params(cache_path)

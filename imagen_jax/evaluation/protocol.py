@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
+import io
 import json
 import math
 import os
@@ -56,7 +57,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from imagen_jax import cascade, parallel
+from imagen_jax import cascade, parallel, paths
 from imagen_jax.evaluation import coco, fid, inception
 from imagen_jax.evaluation.features import FeatureStore
 
@@ -134,34 +135,32 @@ def fid_to_reference(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) ->
     return fid.frechet_distance(*fid.statistics(features), mu, sigma)
 
 
+# Every EVAL_DIR file goes through the path layer (local or gs://), each write atomic.
 def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    paths.write_text(path, json.dumps(data, indent=2))
 
 
 def _atomic_npy(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    np.save(tmp, np.asarray(array), allow_pickle=False)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    paths.write_bytes(path, buf.getvalue())
+
+
+def _load_npy(path: str) -> np.ndarray:
+    return np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False)
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    paths.write_text(path, text)
 
 
 def _check_run_file(directory: str, settings: dict) -> None:
     """Write directory/run.json, or refuse if it holds other settings (a resumed run must match)."""
-    os.makedirs(directory, exist_ok=True)
+    paths.makedirs(directory)
     path = os.path.join(directory, "run.json")
     settings = json.loads(json.dumps(settings))  # normalise tuples, ints-as-floats etc.
-    if os.path.exists(path):
-        with open(path) as f:
-            found = json.load(f)
+    if paths.exists(path):
+        found = json.loads(paths.read_text(path))
         if found != settings:
             diff = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
             raise ProtocolError(
@@ -180,13 +179,13 @@ def _check_run_file(directory: str, settings: dict) -> None:
 class ClipScorer:
     """CLIP score of (image, caption) pairs: 100 * cos(image embedding, text embedding).
 
-    path: a local Hugging Face CLIP directory (config.json, weights, tokenizer and preprocessor
+    path: a Hugging Face CLIP directory (local, or gs:// staged to a local copy) (config.json, weights, tokenizer and preprocessor
     files, as `save_pretrained` writes them), read by transformers' CLIPModel/CLIPProcessor with
     local_files_only=True. Runs in torch (float32) on `device` ('auto': CUDA if available).
     """
 
     def __init__(self, path: str, *, device: str = "auto", batch_size: int = 32):
-        if not os.path.isdir(path):
+        if not paths.isdir(path):
             raise FileNotFoundError(
                 f"CLIP model directory {path!r} does not exist; expected a Hugging Face CLIP "
                 "directory (e.g. openai/clip-vit-large-patch14 saved with save_pretrained)")
@@ -198,8 +197,9 @@ class ClipScorer:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.torch, self.device, self.batch_size, self.source = torch, device, int(batch_size), path
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().to(device)
-        self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        local = paths.local_dir(path)  # transformers reads local directories only
+        self.model = CLIPModel.from_pretrained(local, local_files_only=True).eval().to(device)
+        self.processor = CLIPProcessor.from_pretrained(local, local_files_only=True)
         self.max_length = int(self.model.config.text_config.max_position_embeddings)
 
     def __call__(self, images: np.ndarray, texts: Sequence[str]) -> np.ndarray:
@@ -239,11 +239,11 @@ class Evaluator:
         if jax.process_count() > 1:
             raise ProtocolError("FID evaluation runs on one host (all its devices); "
                                 f"got {jax.process_count()} processes")
-        self.workdir, self.protocol = os.path.abspath(workdir), protocol
+        self.workdir, self.protocol = paths.absolute(workdir), protocol
         self.samplers, self.cond, self.mesh, self.clip = list(samplers), cond, mesh, clip
-        self.cache_dir = os.path.abspath(cache_dir or os.path.join(self.workdir, "cache"))
+        self.cache_dir = paths.absolute(cache_dir or os.path.join(self.workdir, "cache"))
         self.progress, self.log = progress, log or (lambda *a, **k: None)
-        os.makedirs(self.workdir, exist_ok=True)
+        paths.makedirs(self.workdir)
         # Placed once; inception.features then finds the weights already on the devices.
         self.inception_params = jax.device_put(inception_params, parallel.replicated(mesh))
         self._captions: list[coco.Caption] | None = None
@@ -268,12 +268,12 @@ class Evaluator:
                                 f"has only {len(caps)}")
         sample = coco.sample_captions(caps, n, self.protocol.caption_seed,
                                       distinct_images=self.protocol.distinct_images)
-        if os.path.exists(path):
+        if paths.exists(path):
             if coco.CaptionSample.load(path) != sample:
                 raise ProtocolError(f"{path} holds another caption draw (other seed, count or COCO "
                                     "source); use a fresh --workdir")
         else:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            paths.makedirs(os.path.dirname(path))
             sample.save(path)
         return sample
 
@@ -296,10 +296,9 @@ class Evaluator:
             if mu.shape != (inception.FEATURE_DIM,):
                 raise ProtocolError(f"--reference_stats {path} holds {mu.shape[0]}-dim statistics, "
                                     f"expected the FID Inception's {inception.FEATURE_DIM}")
-            with open(path, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
+            digest = hashlib.sha256(paths.read_bytes(path)).hexdigest()
             self._reference = (mu, sigma, {
-                "statistics_file": os.path.abspath(path), "sha256": digest, "precomputed": True,
+                "statistics_file": paths.absolute(path), "sha256": digest, "precomputed": True,
                 "note": "precomputed statistics (pytorch-fid --save-stats / clean-fid): their images and "
                         "resizing are whatever made them, not this protocol's; no KID (needs features)"})
             self._reference_features = None
@@ -307,7 +306,7 @@ class Evaluator:
             p = self.protocol
             path, _ = coco.reference_cache_file(self.cache_dir, p.coco, p.reference_count, p.resolution,
                                                 p.caption_seed, self.inception_params)
-            if not os.path.exists(path):
+            if not paths.exists(path):
                 self.log(f"reference statistics: computing from {p.coco} "
                          f"({'all' if p.reference_count is None else p.reference_count} images, "
                          f"{p.resolution}px) into {path}")
@@ -331,9 +330,8 @@ class Evaluator:
             cache_file = self.reference()[2]["statistics_file"]
             d = coco.reference_features_dir(cache_file)
             store_file = os.path.join(d, "store.json")
-            if os.path.exists(store_file):
-                with open(store_file) as f:
-                    layout = json.load(f)
+            if paths.exists(store_file):
+                layout = json.loads(paths.read_text(store_file))
                 store = FeatureStore(d, layout["total"], layout["shard_size"], layout["dim"])
                 if store.is_complete():
                     self._reference_features = store.concatenate()
@@ -342,7 +340,7 @@ class Evaluator:
     # -- sampling -------------------------------------------------------------------
 
     def stage_records(self) -> list[dict]:
-        return [{"source": os.path.abspath(s.stage.source), "step": int(s.stage.step),
+        return [{"source": paths.absolute(s.stage.source), "step": int(s.stage.step),
                  "resolution": int(s.stage.image_size), **dataclasses.asdict(s.settings)}
                 for s in self.samplers]
 
@@ -381,13 +379,13 @@ class Evaluator:
         clip_store = None
         if self.clip is not None:
             clip_store = FeatureStore(os.path.join(directory, "clip"), n, p.shard_size, 1)
-            _check_run_file(clip_store.workdir, {"clip": os.path.abspath(self.clip.source)})
+            _check_run_file(clip_store.workdir, {"clip": paths.absolute(self.clip.source)})
         todo = sorted(set(store.missing()) | set(clip_store.missing() if clip_store else []))
         shard_images = os.path.join(directory, "image_shards")
-        os.makedirs(shard_images, exist_ok=True)
+        paths.makedirs(shard_images)
         image_file = lambda i: os.path.join(shard_images, f"shard-{i:05d}.npy")  # noqa: E731
         # Shards whose features exist but lack a CLIP score are scored from their stored images.
-        rescore = [i for i in todo if i not in store.missing() and os.path.exists(image_file(i))]
+        rescore = [i for i in todo if i not in store.missing() and paths.exists(image_file(i))]
         sample = [i for i in todo if i not in rescore]
         done_images = n - sum(stop - start for start, stop in map(store.shard_range, sample))
         if sample and done_images:
@@ -396,7 +394,7 @@ class Evaluator:
             self.log(f"{desc}: CLIP score of {len(rescore)} stored shards (no new samples)")
         image_dir = os.path.join(directory, "images")
         if p.save_images:
-            os.makedirs(image_dir, exist_ok=True)
+            paths.makedirs(image_dir)
         from tqdm import tqdm
 
         bar = tqdm(total=n, initial=done_images, desc=desc, unit="img", disable=not self.progress,
@@ -404,7 +402,7 @@ class Evaluator:
         t0, made = time.time(), 0
         for index in rescore:
             start, stop = store.shard_range(index)
-            clip_store.write(index, self.clip(np.load(image_file(index), allow_pickle=False),
+            clip_store.write(index, self.clip(_load_npy(image_file(index)),
                                               texts[start:stop])[:, None])
         for index in sample:
             start, stop = store.shard_range(index)
@@ -413,7 +411,9 @@ class Evaluator:
             _atomic_npy(image_file(index), images)
             if p.save_images:
                 for i, img in zip(range(start, stop), images):
-                    Image.fromarray(img).save(os.path.join(image_dir, f"{i:05d}.png"))
+                    buf = io.BytesIO()
+                    Image.fromarray(img).save(buf, format="PNG")
+                    paths.write_bytes(os.path.join(image_dir, f"{i:05d}.png"), buf.getvalue())
             feats = inception.features(self.inception_params, images, batch_size=p.inception_batch,
                                        mesh=self.mesh)
             if clip_store is not None:
@@ -460,7 +460,7 @@ class Evaluator:
                            "shard_size": p.shard_size, "batch_size": p.batch_size,
                            "stages": self.stage_records()},
             "inception": {"fingerprint": self.inception_id(), "batch_size": p.inception_batch},
-            "clip_model": os.path.abspath(self.clip.source) if self.clip else None,
+            "clip_model": paths.absolute(self.clip.source) if self.clip else None,
             "devices": {"count": len(devices), "kind": devices[0].device_kind,
                         "platform": devices[0].platform},
             "versions": software_versions(),
@@ -475,7 +475,7 @@ class Evaluator:
             data = config.get("data") if config is not None and hasattr(config, "get") else None
             names = " ".join(str(data.get(k, "")) for k in ("name", "files", "data_dir")) if data else ""
             if "coco" in names.lower():
-                trained.append(os.path.abspath(s.stage.source))
+                trained.append(paths.absolute(s.stage.source))
         if trained:
             return {"protocol": "FID, COCO 2014 val captions (not zero-shot: a stage was trained on COCO)",
                     "zero_shot": False, "trained_on_coco": trained}
@@ -503,14 +503,14 @@ class Evaluator:
         .png/.jpg/.jpeg/.webp file, in name order, preprocessed like the reference images (RGB,
         centre square crop, PIL BICUBIC to the resolution); features kept per shard (resumable)."""
         p = self.protocol
-        if not os.path.isdir(folder):
+        if not paths.isdir(folder):
             raise ProtocolError(f"--images {folder!r} is not a directory")
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+        files = sorted(f for f in paths.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
         if len(files) < 2:
             raise ProtocolError(f"--images {folder!r} holds {len(files)} images (.png/.jpg/.jpeg/.webp); "
                                 "FID needs at least 2")
         directory = os.path.join(self.workdir, "folder")
-        _check_run_file(directory, {"folder": os.path.abspath(folder), "num_images": len(files),
+        _check_run_file(directory, {"folder": paths.absolute(folder), "num_images": len(files),
                                     "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
                                     "shard_size": p.shard_size, "resolution": p.resolution,
                                     "inception": self.inception_id()})
@@ -526,7 +526,7 @@ class Evaluator:
             images = []
             for name in files[a:b]:
                 try:
-                    with Image.open(os.path.join(folder, name)) as im:
+                    with Image.open(io.BytesIO(paths.read_bytes(os.path.join(folder, name)))) as im:
                         images.append(coco.preprocess_reference(im, p.resolution))
                 except OSError as e:
                     raise ProtocolError(f"cannot read image {os.path.join(folder, name)}: {e}") from None
@@ -544,7 +544,7 @@ class Evaluator:
             kid = {"mean": kid_mean, "std": kid_std, "num_subsets": 100,
                    "subset_size": min(1000, len(feats), len(ref_features))}
         devices = jax.devices()
-        record = {"fid": value, "kid": kid, "num_samples": len(files), "images": os.path.abspath(folder),
+        record = {"fid": value, "kid": kid, "num_samples": len(files), "images": paths.absolute(folder),
                   "protocol": "FID of a folder of images against COCO val2014 (no model)",
                   "preprocessing": coco.PREPROCESSING, "resolution": p.resolution, "reference": ref,
                   "inception": {"fingerprint": self.inception_id(), "batch_size": p.inception_batch},
@@ -640,9 +640,9 @@ def plot_sweep(rows: Sequence[dict], path: str, *, title: str = "") -> None:
         fig.suptitle(title)
     fig.tight_layout()
     for target, fmt in ((path, "png"), (os.path.splitext(path)[0] + ".svg", "svg")):
-        tmp = f"{target}.tmp-{os.getpid()}"
-        fig.savefig(tmp, format=fmt, dpi=100)
-        os.replace(tmp, target)
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=100)
+        paths.write_bytes(target, buf.getvalue())
     plt.close(fig)
 
 
