@@ -1,6 +1,8 @@
 """Text at pod scale (issue 14): a stage on stored embeddings fails on one line for a prompt the store lacks
 when no T5 is named, and samples it with --t5; T5 sharded over the training mesh. (A training run on a store
-that then encodes a new prompt with its config's T5 is test_train.test_each_tiny_stage_trains[base64].)"""
+whose `python -m imagen_jax.sample` then draws a new prompt with its config's T5, with --t5, and fails on one
+line with neither is test_train.test_each_tiny_stage_trains[base64]; two jax.distributed processes writing
+one store and reading disjoint input shares are test_text_data_multihost.py.)"""
 import types
 
 import jax

@@ -73,6 +73,51 @@ def test_each_tiny_stage_trains(tmp_path, vocab, stage):
         ref, ref_mask = stored["enc"].encode([new])
         np.testing.assert_array_equal(np.asarray(emb[1]), np.asarray(ref[0]).astype(emb.dtype))
         np.testing.assert_array_equal(np.asarray(mask[1]), np.asarray(ref_mask[0]))
+        samples_new_prompts(tmp_path, stored, new, captions[3])
+
+
+def samples_new_prompts(workdir, stored, new, held):
+    """`python -m imagen_jax.sample` on a stage trained on a store draws a prompt the store lacks: with the
+    config's text.t5_checkpoint; with --t5 on a copy whose config names no T5 (the same image, bit for bit);
+    and with neither it exits 1 on one line naming the prompt and both fixes, writing nothing."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from forked_tools import run_tools
+    bare = workdir.parent / (workdir.name + "_no_t5")
+    shutil.copytree(workdir, bare)
+    config = json.loads((bare / "config.json").read_text())
+    config["text"]["t5_checkpoint"] = ""
+    (bare / "config.json").write_text(json.dumps(config))
+    out = workdir.parent / (workdir.name + "_samples")
+    out.mkdir()
+    common = ["--steps", "2", "--seed", "5"]
+    results = run_tools([
+        ("sample", ["--stages", str(workdir), "--prompt", new, "--prompt", held, "--out", str(out / "config"),
+                    *common]),
+        ("sample", ["--stages", str(bare), "--prompt", new, "--t5", stored["t5"], "--out", str(out / "flag"),
+                    *common]),
+        ("sample", ["--stages", str(bare), "--prompt", new, "--out", str(out / "none"), *common])], out)
+    for code, _, err in results[:2]:
+        assert code == 0, err[-3000:]
+
+    def image(run, name):
+        return np.asarray(Image.open(out / run / "images" / name))
+
+    drawn = image("config", "0000_00.png")
+    assert drawn.shape == (16, 16, 3) and drawn.std() > 0 and image("config", "0001_00.png").shape == drawn.shape
+    np.testing.assert_array_equal(image("flag", "0000_00.png"), drawn)  # same T5, same noise: same image
+    for run in ("config", "flag"):
+        described = json.loads((out / run / "settings.json").read_text())["text_encoder"]
+        assert described.endswith(f"prompts not in it encoded by T5 {stored['t5']}"), described
+    code, _, err = results[2]
+    lines = [ln for ln in err.splitlines() if "error" in ln.lower()]  # orbax logs its restore to stderr too
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("error: prompt") and repr(new) in lines[0], lines
+    assert "text.t5_checkpoint" in lines[0] and "--t5" in lines[0], lines
+    assert not (out / "none").exists() and not (out / "none.partial").exists()
 
 
 def tmp_path_factory_root(tmp_path):
