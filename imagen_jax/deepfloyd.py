@@ -23,13 +23,14 @@ The weights are under the DeepFloyd IF License (non-commercial research only); n
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagen_jax import parallel
+from imagen_jax import parallel, paths
 from imagen_jax.diffusion import discrete, keys
 from imagen_jax.models import deepfloyd_if
 from imagen_jax.text import hf_t5
@@ -85,6 +86,45 @@ def stage_kind(stage_dir) -> str:
     return STAGE_CLASSES[name]
 
 
+# What loading a pipeline directory reads (model_index.json beside them); safety_checker/,
+# feature_extractor/, watermarker/ and pickled or 8-bit weights never are.
+_READ_PARTS = ("unet", "scheduler", "image_noising_scheduler", "text_encoder", "tokenizer")
+_UNREAD = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".onnx_data")
+_FP16 = re.compile(r"\.fp16[.-]")
+
+
+def staged_files(files, dtype) -> list:
+    """The files (relative paths of a pipeline directory) that loading it in `dtype` reads: U-Net
+    weights in the variant `deepfloyd_if.load_unet` prefers (fp16 for float16, else full precision,
+    the other only when alone), the T5 encoder's full-precision set unless only fp16 is there."""
+    keep = [f for f in files if ("/" not in f and f.endswith(".json"))
+            or (f.split("/", 1)[0] in _READ_PARTS and not f.endswith(_UNREAD) and ".8bit." not in f)]
+
+    def one_variant(part, prefer_fp16):
+        weights = [f for f in keep if f.startswith(part + "/") and ".safetensors" in f]
+        half = [f for f in weights if _FP16.search(f.rsplit("/", 1)[-1])]
+        full = [f for f in weights if f not in half]
+        if half and full:
+            drop = set(full if prefer_fp16 else half)
+            keep[:] = [f for f in keep if f not in drop]
+
+    one_variant("unet", jnp.dtype(_dtype(dtype)) == jnp.float16)
+    one_variant("text_encoder", False)
+    return keep
+
+
+def local_stage_dir(stage_dir, dtype="float32") -> str:
+    """A local directory with what loading `stage_dir` reads: the directory itself when local; for
+    gs:// a per-process mirror of `staged_files` (safetensors are memory-mapped local files)."""
+    stage_dir = os.fspath(stage_dir)
+    if not paths.is_remote(stage_dir):
+        return stage_dir
+    if not paths.isdir(stage_dir):
+        raise IFError(f"{stage_dir}: no such directory; expected a DeepFloyd IF pipeline directory "
+                      "(model_index.json, unet/, scheduler/, text_encoder/, tokenizer/)")
+    return paths.local_dir(stage_dir, staged_files(paths.list_files(stage_dir), dtype))
+
+
 def _dtype(dtype):
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -106,6 +146,7 @@ class IFStage:
     has_text_encoder: bool
     step: int = -1                  # the cascade's Stage.step; a released pipeline has none
     family: str = "deepfloyd_if"
+    files: str = ""                 # where its files are read: `source`, or a local mirror of a gs:// one
 
     @property
     def image_size(self):
@@ -128,7 +169,17 @@ class IFStage:
     @classmethod
     def load(cls, stage_dir, *, dtype="float32", accept_license=False, expect=None, mesh=None):
         check_license(accept_license)
-        stage_dir = os.fspath(stage_dir)
+        source = os.fspath(stage_dir)
+        local = local_stage_dir(source, dtype)
+        try:
+            return cls._load(source, local, dtype, expect, mesh)
+        except (IFError, deepfloyd_if.IFConfigError, hf_t5.TextLayoutError) as e:
+            if local == source:
+                raise
+            raise type(e)(str(e).replace(local, source)) from None  # name the gs:// path, not the mirror
+
+    @classmethod
+    def _load(cls, source, stage_dir, dtype, expect, mesh):
         kind = stage_kind(stage_dir)
         if expect is not None and kind != expect:
             other = {"I": "a stage I (text-to-image, IFPipeline)", "II": "a stage II (super-resolution, "
@@ -148,8 +199,8 @@ class IFStage:
         module, params = deepfloyd_if.load_unet(unet_dir, _dtype(dtype))
         if mesh is not None:
             params = jax.device_put(params, parallel.replicated(mesh))
-        return cls(source=stage_dir, kind=kind, module=module, params=params, schedule=schedule,
-                   noising=noising, has_text_encoder=has_text)
+        return cls(source=source, kind=kind, module=module, params=params, schedule=schedule,
+                   noising=noising, has_text_encoder=has_text, files=stage_dir)
 
 
 def upscale_align_corners(x, size):
@@ -336,7 +387,7 @@ def load_text_encoder(stages, *, dtype=jnp.float32, mesh=None):
     for st in stages:
         if st.has_text_encoder:
             t5_dtype = jnp.float32 if jnp.dtype(dtype) == jnp.float32 else jnp.bfloat16
-            return hf_t5.load_encoder(st.source, dtype=t5_dtype, mesh=mesh)
+            return hf_t5.load_encoder(st.files or st.source, dtype=t5_dtype, mesh=mesh)
     raise IFError(f"none of {[s.source for s in stages]} has text_encoder/ and tokenizer/ (IF stage I's T5)")
 
 

@@ -138,23 +138,44 @@ def check_bucket(p):
                         f"`gcloud storage buckets create gs://{bucket}`) or these credentials cannot see it")
 
 
+def list_files(p) -> list:
+    """Every file under directory p, as sorted '/'-separated paths relative to p."""
+    out = []
+    for child in path(p).iterdir():
+        if child.is_dir():
+            out += [f"{child.name}/{f}" for f in list_files(child)]
+        else:
+            out.append(child.name)
+    return sorted(out)
+
+
 _MIRRORS = {}
 
 
-def local_dir(p) -> str:
+def local_dir(p, files=None) -> str:
     """A local directory holding a copy of directory p (p itself when local), for readers that
     need local files (safetensors' memory maps, positioned reads). A gs:// directory is downloaded
-    once per process into a temporary directory that is removed at exit."""
+    once per process into a temporary directory that is removed at exit. `files` (relative paths,
+    as `list_files` gives them) copies only those: a model repository's unused variants can be
+    larger than the weights that are read."""
     p = os.fspath(p)
     if not is_remote(p):
         return p
-    key = p.rstrip("/")
+    key = (p.rstrip("/"), None if files is None else tuple(sorted(files)))
     if key not in _MIRRORS:
         import atexit
 
         d = tempfile.mkdtemp(prefix="imagen_jax_mirror_")
         atexit.register(shutil.rmtree, d, ignore_errors=True)
-        copy_tree(key, d)
+        if files is None:
+            copy_tree(key[0], d)
+        else:
+            for rel in key[1]:
+                target = os.path.join(d, *rel.split("/"))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                # Streamed: one shard of a large T5 is several GB.
+                with path(join(key[0], *rel.split("/"))).open("rb") as src, open(target, "wb") as f:
+                    shutil.copyfileobj(src, f, 1 << 24)
         _MIRRORS[key] = d
     return _MIRRORS[key]
 
@@ -188,5 +209,5 @@ def local_file(p):
 
 
 __all__ = ["PathError", "absolute", "check_bucket", "copy_tree", "exists", "is_remote", "isdir", "isfile",
-           "join", "listdir", "local_dir", "local_file", "makedirs", "path", "read_bytes", "read_text",
+           "join", "list_files", "listdir", "local_dir", "local_file", "makedirs", "path", "read_bytes", "read_text",
            "rmtree", "upload_tree", "write_bytes", "write_text"]

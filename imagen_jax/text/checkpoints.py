@@ -172,12 +172,51 @@ def _t5x_steps(model_dir: str) -> list[int]:
     return sorted(steps)
 
 
-def _remote_t5x_arrays(path: str) -> dict[str, ArraySource]:
-    """gs://: a msgpack file, a checkpoint_N/ (legacy or orbax) or a model directory (its latest step)."""
+def _hf_files(names) -> list[str]:
+    """Of a directory's file names, those the local HF reader reads: the JSON files (config, index)
+    and the safetensors, without the int8 variant, and without fp16 ones beside full precision."""
+    weights = [n for n in names if n.endswith(".safetensors") and ".8bit." not in n]
+    if not weights:
+        return []
+    full = [n for n in weights if not re.search(r"\.fp16[.-]", n)]
+    return sorted([n for n in names if n.endswith(".json")] + (full or weights))
+
+
+def _remote_hf_arrays(path: str) -> dict[str, ArraySource]:
+    """gs:// HF safetensors (a file, an index, or a directory of them), read from a local copy of
+    what it needs: safetensors are read through memory-mapped local files."""
     from imagen_jax import paths
 
-    if path.rstrip("/").rsplit("/", 1)[-1] == _CHECKPOINT_FILE:
+    path = path.rstrip("/")
+    try:
+        if paths.isdir(path):
+            return open_encoder_arrays(paths.local_dir(path, _hf_files(paths.listdir(path))))
+        parent, name = path.rsplit("/", 1)
+        if not paths.isfile(path):
+            raise CheckpointNotFoundError(f"{path}: no such file; expected {_EXPECTED}")
+        files = {name} | ({"config.json"} if paths.isfile(paths.join(parent, "config.json")) else set())
+        if name.endswith(".json"):
+            try:
+                files |= set(json.loads(paths.read_text(path))["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                pass  # the local reader names what is wrong with the index
+        return open_encoder_arrays(os.path.join(paths.local_dir(parent, files), name))
+    except CheckpointError:
+        raise
+    except Exception as e:  # gcsfs / auth errors
+        raise CheckpointError(f"{path}: cannot read: {_one_line(e)}") from None
+
+
+def _remote_t5x_arrays(path: str) -> dict[str, ArraySource]:
+    """gs://: a msgpack file, a checkpoint_N/ (legacy or orbax), a model directory (its latest step),
+    or Hugging Face safetensors (staged to a local copy)."""
+    from imagen_jax import paths
+
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if name == _CHECKPOINT_FILE:
         return _t5x_arrays(path)
+    if name.endswith((".safetensors", ".json")):
+        return _remote_hf_arrays(path)
     try:
         if not paths.isdir(path):
             raise CheckpointNotFoundError(f"{path}: no such directory; expected {_EXPECTED}")
@@ -186,6 +225,8 @@ def _remote_t5x_arrays(path: str) -> dict[str, ArraySource]:
             return _orbax_arrays(state)
         if paths.isfile(paths.join(path, _CHECKPOINT_FILE)):
             return _t5x_arrays(path)
+        if _hf_files(paths.listdir(path)):
+            return _remote_hf_arrays(path)
         steps = _t5x_steps(path)
     except CheckpointError:
         raise
