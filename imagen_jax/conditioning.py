@@ -32,20 +32,33 @@ class TextConditioner:
 
 def demo_vocab(path_prefix, seed=0):
     """Trains (once) the SentencePiece vocabulary of the embedded shapes captions; deterministic.
-    `path_prefix` may be gs://: SentencePiece's trainer writes local files only, so the model is
-    trained in a temporary directory and copied through the path layer."""
+    Returns the path of the `.model` file to read. `path_prefix` may be gs://: SentencePiece's
+    trainer writes local files only, so the model is trained in a temporary directory and copied
+    through the path layer, atomically (readers never see half a file).
+
+    On a multi-host run every host builds its text encoder here at once. Only process 0 writes
+    `path_prefix.model`; another process that does not find it trains the same vocabulary (one
+    thread, the same captions: the same pieces and scores) into a private temporary directory and
+    reads that.
+    No barrier: whether a host finds the file depends on when it looks, so a barrier taken only
+    by the hosts that did not would pair with a different barrier on the others."""
     model = path_prefix + ".model"
-    if not paths.exists(model):
-        from imagen_jax.data import shapes
-        captions = shapes.ShapesDataset(seed=seed).captions(DEMO_VOCAB_CAPTIONS)
-        captions += shapes.held_out_prompts(64)
-        if not paths.is_remote(path_prefix):
-            tokenizer_lib.train_sentencepiece(captions, path_prefix, vocab_size=256)
-            return model
-        with tempfile.TemporaryDirectory(prefix="imagen_jax_vocab_") as tmp:
-            local = tokenizer_lib.train_sentencepiece(captions, os.path.join(tmp, "spm"), vocab_size=256)
-            paths.makedirs(paths.path(model).parent)
-            paths.write_bytes(model, paths.read_bytes(local))
+    if paths.exists(model):
+        return model
+    from imagen_jax.data import shapes
+    captions = shapes.ShapesDataset(seed=seed).captions(DEMO_VOCAB_CAPTIONS)
+    captions += shapes.held_out_prompts(64)
+    if jax.process_index() != 0:
+        import atexit
+        import shutil
+
+        private = tempfile.mkdtemp(prefix="imagen_jax_vocab_")
+        atexit.register(shutil.rmtree, private, ignore_errors=True)
+        return tokenizer_lib.train_sentencepiece(captions, os.path.join(private, "spm"), vocab_size=256)
+    with tempfile.TemporaryDirectory(prefix="imagen_jax_vocab_") as tmp:
+        local = tokenizer_lib.train_sentencepiece(captions, os.path.join(tmp, "spm"), vocab_size=256)
+        paths.makedirs(paths.path(model).parent)
+        paths.write_bytes(model, paths.read_bytes(local))
     return model
 
 
