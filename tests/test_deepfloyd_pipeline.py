@@ -482,3 +482,29 @@ def test_python_pipeline_serves_if_stages_without_recompiling(pipelines):
     assert counter.count == 0, f"{counter.count} compilations on repeated calls"
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_cascade_draws_if_noise_per_image(pipelines, pipe):
+    """evaluate_fid and the sample CLI run IF stages through cascade.run_cascade, which gives each
+    image its own key: an image does not depend on the batch size or on the other captions (a
+    resumed FID shard), to float32 round-off (see test_noise_per_image: the U-Net rounds
+    differently at another batch; a per-batch key would change every value). IFPipeline.sample
+    keeps diffusers' one draw per batch (test_stage_I_and_II_runs_replay_diffusers)."""
+    from imagen_jax import cascade, deepfloyd, parallel
+
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    emb, neg = pipe.encode(PROMPTS + ["a photo of a corgi"])
+    mask = np.ones(emb.shape[:2], bool)
+    samplers = [cascade.make_sampler(cascade.load_stage(pipelines[k], mesh, accept_license=True), mesh,
+                                     deepfloyd.IFSettings(steps=2, guidance=4.0, noise_level=100), neg[:1])
+                for k in ("I", "II")]
+    run = lambda rows, ids, bs: cascade.run_cascade(  # noqa: E731
+        samplers, emb[rows], mask[rows], 5, batch_size=bs, log=None, progress=False, image_ids=ids)[0]
+    whole, ones = run(slice(None), None, 3), run(slice(None), None, 1)
+    part = run(slice(1, 3), [1, 2], 1)  # captions 1 and 2 alone, as a resumed shard samples them
+    for k in range(2):
+        for a, b in ((whole[k], ones[k]), (whole[k][1:], part[k])):
+            diff = np.abs(a.astype(np.int16) - b)
+            assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (k, diff.max(), (diff > 0).mean())
+    other = run(slice(1, 3), [0, 1], 1)  # other ids: other noise
+    assert np.abs(other[1].astype(np.int16) - part[1]).max() > 16

@@ -368,3 +368,50 @@ def test_zero_shot_only_when_not_trained_on_coco(tmp_path):
     rec = evaluator("coco_captions").zero_shot()
     assert rec["zero_shot"] is False and "not zero-shot" in rec["protocol"]
     assert rec["trained_on_coco"] == [os.path.abspath("/x/coco_captions")]
+
+
+def test_resume_on_another_batch_size_and_device_count_is_the_uninterrupted_run(env, tmp_path, monkeypatch):
+    """Shard 0 sampled on 1 device in batches of 2 (per-device batch 4 with the null-text half),
+    shard 1 resumed on 8 devices in one batch of 8 (per-device 2): the images, the features and the
+    FID are those of the run made in one go on 8 devices. The base stage alone: it rounds the same
+    at every per-device batch here (an SR stage may move a value by one uint8 level; see
+    test_noise_per_image)."""
+    import jax
+
+    def argv(workdir, batch_size):
+        return ["--stages", env["base"], "--inception", env["weights"], "--inception_sha256", "any",
+                "--coco", env["coco"], "--cache_dir", env["cache"], "--workdir", str(workdir), "--num_samples", "8",
+                "--shard_size", "4", "--steps", "2", "--guidance", "2", "--resolution", str(RES),
+                "--inception_batch", "8", "--seed", "3", "--caption_seed", "1", "--quiet",
+                "--batch_size", str(batch_size)]
+
+    assert evaluate_fid.main(argv(tmp_path / "whole", 8)) == 0
+    whole = json.loads((tmp_path / "whole" / "fid.json").read_text())
+
+    original_write, original_mesh = FeatureStore.write, parallel.make_mesh
+
+    class Interrupted(Exception):
+        pass
+
+    def write_then_stop(self, index, features):
+        path = original_write(self, index, features)
+        if self.dim == inception.FEATURE_DIM and not self.workdir.endswith("_features"):
+            raise Interrupted
+        return path
+
+    monkeypatch.setattr(FeatureStore, "write", write_then_stop)
+    monkeypatch.setattr(parallel, "make_mesh", lambda cfg, devices=None: original_mesh(cfg, devices=jax.devices()[:1]))
+    with pytest.raises(Interrupted):
+        evaluate_fid.main(argv(tmp_path / "part", 2))
+    monkeypatch.setattr(FeatureStore, "write", original_write)
+    monkeypatch.setattr(parallel, "make_mesh", original_mesh)
+    assert evaluate_fid.main(argv(tmp_path / "part", 8)) == 0
+    part = json.loads((tmp_path / "part" / "fid.json").read_text())
+    assert part["shards_computed"] == 1
+    for name in sorted(os.listdir(tmp_path / "whole" / "samples" / "image_shards")):
+        a, b = (np.load(tmp_path / d / "samples" / "image_shards" / name) for d in ("whole", "part"))
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    np.testing.assert_array_equal(FeatureStore(tmp_path / "part" / "samples", 8, 4).concatenate(),
+                                  FeatureStore(tmp_path / "whole" / "samples", 8, 4).concatenate())
+    assert part["fid"] == whole["fid"] and part["kid"] == whole["kid"]
+    assert whole["inception_sha256"] == inception.source_sha256(env["weights"])
