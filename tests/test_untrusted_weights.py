@@ -98,3 +98,19 @@ def test_old_torch_is_not_used():
     assert not inception._torch_version_ok("1.13.0+cu117")
     assert inception._torch_version_ok("2.10.0") and inception._torch_version_ok("2.14.1+cu130")
     assert inception._torch_version_ok("3.0.0")
+
+
+def test_old_torch_falls_back_to_the_safe_reader(tmp_path, monkeypatch):
+    """An installed torch < 2.10 is never asked to unpickle the file: by default the built-in
+    reader reads it, and asking for torch explicitly is refused naming the version."""
+    p = craft(tmp_path / "w.pth")
+    monkeypatch.setattr(torch, "__version__", "2.9.1")
+    assert not inception._torch_available()
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used"))
+    with pytest.raises(ImportError, match=r"torch 2\.9\.1 is too old"):
+        inception.load(p, use_torch=True)
+    used = []
+    monkeypatch.setattr(inception, "read_torch_state_dict", lambda path: used.append(path) or {})
+    with pytest.raises(Exception):  # an empty state dict is not the Inception network
+        inception.load(p)
+    assert used == [p]
