@@ -408,7 +408,11 @@ def test_resume_on_another_batch_size_and_device_count_is_the_uninterrupted_run(
     assert evaluate_fid.main(argv(tmp_path / "part", 8)) == 0
     part = json.loads((tmp_path / "part" / "fid.json").read_text())
     assert part["shards_computed"] == 1
-    for name in sorted(os.listdir(tmp_path / "whole" / "samples" / "image_shards")):
+    made = dict(batch_size=8, devices=8, device_kind=jax.devices()[0].device_kind, jax=jax.__version__)
+    assert whole["shards_made_with"] == [dict(shards=[0, 1], data_parallel=8, **made)]
+    assert part["shards_made_with"] == [dict(shards=[0], data_parallel=1, **dict(made, batch_size=2)),
+                                        dict(shards=[1], data_parallel=8, **made)]
+    for name in sorted(n for n in os.listdir(tmp_path / "whole" / "samples" / "image_shards") if n.endswith(".npy")):
         a, b = (np.load(tmp_path / d / "samples" / "image_shards" / name) for d in ("whole", "part"))
         np.testing.assert_array_equal(a, b, err_msg=name)
     np.testing.assert_array_equal(FeatureStore(tmp_path / "part" / "samples", 8, 4).concatenate(),

@@ -20,9 +20,11 @@ Resuming: samples are made shard by shard (`FeatureStore`): shard i holds the fe
 captions [i * shard_size, (i + 1) * shard_size) and is written atomically once its images,
 features (and CLIP scores) are done. Caption n's noise comes from its own key (seed, stage, n)
 (`cascade.run_cascade`'s image_ids), so a rerun computes only the missing shards and, with any
-batch size or device count, makes the images an uninterrupted run would have made. Each
-shard's uint8 images are kept (samples/image_shards/, R*R*3 bytes an image: 5.9 GB for 30K at
-256), so adding --clip to a finished run scores the stored images instead of sampling again.
+batch size or device count, draws the noise an uninterrupted run would have drawn (the images
+agree up to float round-off, which does depend on the per-device batch). Each shard's uint8
+images are kept (samples/image_shards/, R*R*3 bytes an image: 5.9 GB for 30K at 256), so adding
+--clip to a finished run scores the stored images instead of sampling again; beside each, a
+.json of what sampled it (batch size, devices, jax), listed in fid.json's shards_made_with.
 Each samples directory keeps a run.json of everything that decides its images and features
 (captions, seed, noise scheme, stages and their settings, resolution, Inception weights); a
 rerun with other settings is refused, naming them. Batch sizes are not among them.
@@ -344,6 +346,15 @@ class Evaluator:
                  "resolution": int(s.stage.image_size), **dataclasses.asdict(s.settings)}
                 for s in self.samplers]
 
+    def made_with(self) -> dict:
+        """What a shard's images were sampled on. The noise does not depend on it, but the float
+        round-off does (XLA sums reductions in a shape-dependent order; in the tests one uint8 level
+        on a few values of an SR stage), so each shard records it and fid.json lists it."""
+        devices = jax.devices()
+        dp = parallel.data_parallel_size(self.mesh) if self.mesh is not None else None
+        return {"batch_size": self.protocol.batch_size, "data_parallel": dp,
+                "devices": len(devices), "device_kind": devices[0].device_kind, "jax": jax.__version__}
+
     def generate(self, texts: Sequence[str], seed: int, ids: Sequence[int] | None = None) -> np.ndarray:
         """Captions -> uint8 [N, R, R, 3] at the evaluation resolution R, through the cascade; the
         noise of image n comes from (seed, ids[n]) alone (cascade.run_cascade's image_ids)."""
@@ -384,6 +395,7 @@ class Evaluator:
         shard_images = os.path.join(directory, "image_shards")
         paths.makedirs(shard_images)
         image_file = lambda i: os.path.join(shard_images, f"shard-{i:05d}.npy")  # noqa: E731
+        made_with_file = lambda i: os.path.join(shard_images, f"shard-{i:05d}.json")  # noqa: E731
         # Shards whose features exist but lack a CLIP score are scored from their stored images.
         rescore = [i for i in todo if i not in store.missing() and paths.exists(image_file(i))]
         sample = [i for i in todo if i not in rescore]
@@ -418,14 +430,22 @@ class Evaluator:
                                        mesh=self.mesh)
             if clip_store is not None:
                 clip_store.write(index, self.clip(images, texts[start:stop])[:, None])
+            _write_json(made_with_file(index), self.made_with())
             store.write(index, feats)  # last: a finished feature shard means its other outputs are there
             made += stop - start
             bar.update(stop - start)
         bar.close()
         todo = sample
         seconds = time.time() - t0
+        made_with = {}  # provenance per shard: settings that move only float round-off (not refused)
+        for index in range(store.num_shards):
+            f = made_with_file(index)
+            key = json.dumps(json.loads(paths.read_text(f)) if paths.exists(f) else {"unrecorded": True},
+                             sort_keys=True)
+            made_with.setdefault(key, []).append(index)
         return {"features": store.concatenate(),
                 "clip": clip_store.concatenate()[:, 0].astype(np.float64) if clip_store else None,
+                "made_with": [{"shards": v, **json.loads(k)} for k, v in made_with.items()],
                 "shards_computed": todo, "seconds": seconds,
                 "images_per_second": made / seconds if made and seconds > 0 else None}
 
@@ -443,7 +463,8 @@ class Evaluator:
                    "subset_size": min(1000, len(res["features"]), len(ref_features)),
                    "estimator": "unbiased MMD^2, kernel (x.y / 2048 + 1)^3 (fid.kernel_inception_distance)"}
         return {"fid": float(value), "kid": kid, "clip_score": clip, "num_samples": len(captions.captions),
-                "shards_computed": len(res["shards_computed"]), "seconds": round(res["seconds"], 3),
+                "shards_computed": len(res["shards_computed"]), "shards_made_with": res["made_with"],
+                "seconds": round(res["seconds"], 3),
                 "images_per_second": res["images_per_second"]}
 
     def _record(self, extra: dict | None) -> dict:
