@@ -84,6 +84,30 @@ def write_bytes(p, data: bytes):
     os.replace(tmp, q)
 
 
+def write_npz(p, arrays):
+    """`np.savez(p, **arrays)`, atomic like write_bytes; a local file is streamed to its temporary
+    sibling instead of being built in memory first."""
+    import io
+
+    import numpy as np
+
+    if is_remote(p):
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_bytes(p, buf.getvalue())
+        return
+    q = path(p)
+    q.parent.mkdir(parents=True, exist_ok=True)
+    tmp = q.parent / f".{q.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, q)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_text(p, text: str):
     write_bytes(p, text.encode("utf-8"))
 

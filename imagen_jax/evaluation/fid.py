@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -85,22 +84,7 @@ def save_statistics(path: str | os.PathLike, mu, sigma, meta: Mapping[str, Any] 
     arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
     for k, v in (meta or {}).items():
         arrays[f"meta_{k}"] = np.array(str(v))
-    if paths.is_remote(path):
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        paths.write_bytes(path, buf.getvalue())  # a GCS upload is atomic by itself
-        return
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)  # readers never see a half-written file
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    paths.write_npz(path, arrays)  # readers never see a half-written file
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -37,7 +37,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
@@ -822,22 +821,7 @@ def save_params(params: Params, path: str | os.PathLike, source_sha256: str = ""
     path = os.fspath(path)
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     flat["__source_sha256__"] = np.array(source_sha256)
-    if paths.is_remote(path):
-        buf = io.BytesIO()
-        np.savez(buf, **flat)
-        paths.write_bytes(path, buf.getvalue())  # a GCS upload is atomic by itself
-        return
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **flat)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    paths.write_npz(path, flat)  # readers never see a half-written file
 
 
 def load_params(path: str | os.PathLike) -> Params:
