@@ -28,6 +28,20 @@ _IMAGES = {
     17: (36, 36, "RGB", ["a yellow triangle", "triangle in yellow"]),
     2: (28, 40, "RGB", ["purple dots", "many small purple dots"]),
 }
+def make_coco(cdir):
+    """A COCO val2014 directory (captions_val2014.json + val2014/) of the _IMAGES random images."""
+    (cdir / "val2014").mkdir(parents=True)
+    images, annotations = [], []
+    for image_id, (w, h, mode, caps) in _IMAGES.items():
+        name = f"COCO_val2014_{image_id:012d}.png"
+        a = np.random.default_rng(image_id).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(a).convert(mode).save(cdir / "val2014" / name)
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+        annotations += [{"id": 100 * image_id + j, "image_id": image_id, "caption": c} for j, c in enumerate(caps)]
+    (cdir / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return cdir
+
+
 STEPS, GUIDANCE, RES = "2,2", "2,3", 32  # the 16 -> 64 cascade's output is resized to 32
 
 
@@ -61,17 +75,7 @@ def fast_fid(monkeypatch):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_fid")
-    # COCO layout: captions_val2014.json + val2014/
-    cdir = root / "coco"
-    (cdir / "val2014").mkdir(parents=True)
-    images, annotations = [], []
-    for image_id, (w, h, mode, caps) in _IMAGES.items():
-        name = f"COCO_val2014_{image_id:012d}.png"
-        a = np.random.default_rng(image_id).integers(0, 256, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(a).convert(mode).save(cdir / "val2014" / name)
-        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
-        annotations += [{"id": 100 * image_id + j, "image_id": image_id, "caption": c} for j, c in enumerate(caps)]
-    (cdir / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    cdir = make_coco(root / "coco")
     # FID Inception: pytorch-fid's network with random weights, saved like the released file.
     weights = str(root / "pt_inception-random.pth")
     torch.save(_random_fid_inception().state_dict(), weights)

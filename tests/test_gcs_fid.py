@@ -7,14 +7,13 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from imagen_jax import checkpoints, evaluate_fid, paths
 from imagen_jax.evaluation import protocol
 from test_gcs import BUCKET, _listing, cwd, gcs, no_local_gs  # noqa: F401  (fixtures)
 
 torch = pytest.importorskip("torch")
-from test_evaluate_fid import _IMAGES, _fast_fid  # noqa: E402
+from test_evaluate_fid import _fast_fid, make_coco  # noqa: E402
 from test_inception import _random_fid_inception  # noqa: E402
 
 ROOT = f"gs://{BUCKET}/fid"
@@ -30,17 +29,7 @@ def bucket_inputs(gcs, tiny_base, tmp_path_factory):
     """Made locally, then copied into the bucket: a COCO directory, random FID Inception weights,
     and the session's tiny base stage, its config naming the bucket's copy of its vocabulary."""
     local = tmp_path_factory.mktemp("fid_inputs")
-    coco = local / "coco"
-    (coco / "val2014").mkdir(parents=True)
-    images, annotations = [], []
-    for image_id, (w, h, mode, caps) in _IMAGES.items():
-        name = f"COCO_val2014_{image_id:012d}.png"
-        a = np.random.default_rng(image_id).integers(0, 256, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(a).convert(mode).save(coco / "val2014" / name)
-        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
-        annotations += [{"id": 100 * image_id + j, "image_id": image_id, "caption": c} for j, c in enumerate(caps)]
-    (coco / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": annotations}))
-    paths.copy_tree(coco, f"{ROOT}/coco")
+    paths.copy_tree(make_coco(local / "coco"), f"{ROOT}/coco")
     weights = local / "pt_inception-random.pth"
     torch.save(_random_fid_inception().state_dict(), weights)
     paths.write_bytes(f"{ROOT}/pt_inception-random.pth", weights.read_bytes())
