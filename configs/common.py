@@ -37,7 +37,7 @@ def stage_config():
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"         # cosine | linear (SR1024 in the paper)
     c.diffusion.prediction = "eps"          # eps | v | x0
-    c.diffusion.weighting = "none"          # none | min_snr | p2
+    c.diffusion.weighting = "none"          # none | min_snr | min_snr_plus1 | p2 (diffusion/losses.py)
     c.diffusion.min_snr_gamma = 5.0
     c.diffusion.cond_drop_prob = 0.1        # text dropped for classifier-free guidance
     c.diffusion.lowres_size = 0             # SR stages: side of the low-res conditioning image

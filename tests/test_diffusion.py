@@ -111,6 +111,19 @@ def test_loss_weighting_and_value():
     np.testing.assert_allclose(w, [1.0, 0.5], rtol=1e-6)
 
 
+def test_min_snr_plus1_weight_in_x0_space():
+    # min_snr_plus1: x0-space weight min(snr + 1, gamma), expressed per prediction type
+    # (eps-MSE = snr * x0-MSE, v-MSE = (snr + 1) * x0-MSE); min_snr's x0 weight min(snr, gamma) -> 0.
+    snr = np.asarray([1e-4, 0.5, 3.0, 10.0, 100.0])
+    logsnr = jnp.log(jnp.asarray(snr, jnp.float32))
+    want_x0 = np.minimum(snr + 1.0, 5.0)
+    for prediction, to_x0 in (("v", snr + 1.0), ("eps", snr), ("x0", np.ones_like(snr))):
+        w = diffusion.loss_weight(logsnr, prediction, "min_snr_plus1", min_snr_gamma=5.0)
+        np.testing.assert_allclose(np.asarray(w) * to_x0, want_x0, rtol=1e-5)
+    v_plain = diffusion.loss_weight(logsnr, "v", "min_snr", min_snr_gamma=5.0)
+    assert float(v_plain[0]) < 1e-3 and float(diffusion.loss_weight(logsnr, "v", "min_snr_plus1")[0]) == 1.0
+
+
 def gaussian_zero_eps(x_t, logsnr):
     # Data is exactly 0, so x_t = sigma * eps and eps = x_t / sigma.
     _, sigma = schedules.alpha_sigma(logsnr)

@@ -4,15 +4,18 @@ import jax.numpy as jnp
 
 from imagen_jax.diffusion import predictions, schedules
 
-WEIGHTINGS = ("none", "min_snr", "p2")
+WEIGHTINGS = ("none", "min_snr", "min_snr_plus1", "p2")
 
 
 def loss_weight(logsnr, prediction, weighting, *, min_snr_gamma=5.0, p2_k=1.0, p2_gamma=1.0):
     """Per-example weight [B] applied to the mean squared error of `prediction`'s target.
 
     min_snr: the x0-space weight min(snr, gamma) (Hang et al. 2023), expressed for the prediction
-    type (eps-MSE = snr * x0-MSE, v-MSE = (snr + 1) * x0-MSE). p2: 1 / (k + snr)^gamma on top of
-    the plain loss (Choi et al. 2022).
+    type (eps-MSE = snr * x0-MSE, v-MSE = (snr + 1) * x0-MSE). min_snr_plus1: the x0-space weight
+    min(snr + 1, gamma), i.e. min-SNR with the v-prediction's SNR + 1 (as diffusers does for v): it
+    never falls below 1, so the noisiest levels, where a sample's layout (background, position) is
+    decided, are not starved as min(snr, gamma) -> 0 starves them. p2: 1 / (k + snr)^gamma on top
+    of the plain loss (Choi et al. 2022).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got weighting={weighting!r}")
@@ -22,7 +25,7 @@ def loss_weight(logsnr, prediction, weighting, *, min_snr_gamma=5.0, p2_k=1.0, p
         return jnp.ones_like(snr)
     if weighting == "p2":
         return 1.0 / (p2_k + snr) ** p2_gamma
-    clipped = jnp.minimum(snr, min_snr_gamma)
+    clipped = jnp.minimum(snr + 1.0 if weighting == "min_snr_plus1" else snr, min_snr_gamma)
     return clipped / {"eps": snr, "v": snr + 1.0, "x0": jnp.ones_like(snr)}[prediction]
 
 
