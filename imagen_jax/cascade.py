@@ -183,9 +183,10 @@ class StageSampler:
 
     def __call__(self, text, mask, lowres, rng):
         s = self.settings
-        if lowres is None:
-            lowres = jnp.zeros((), jnp.float32)
-        return self._fn(self.stage.params, text, mask, lowres, rng, jnp.float32(s.guidance),
+        batch = lambda a: parallel.to_global(a, parallel.batch_sharding(self.mesh, np.ndim(a)))  # noqa: E731
+        rep = lambda a: parallel.to_global(a, parallel.replicated(self.mesh))  # noqa: E731
+        lowres = rep(jnp.zeros((), jnp.float32)) if lowres is None else batch(lowres)
+        return self._fn(self.stage.params, batch(text), batch(mask), lowres, rep(rng), jnp.float32(s.guidance),
                         jnp.float32(s.aug_level), jnp.float32(s.percentile))
 
 
@@ -244,7 +245,7 @@ def run_cascade(samplers, text, mask, seed, *, batch_size=None, log=print, progr
             ib, _ = pad_batch(ids[start:start + batch_size], dp)
             rng = keys.per_image(seed, k, ib)
             imgs = sampler(tb, mb, lr, rng)
-            imgs = np.asarray(jax.device_get(imgs))
+            imgs = parallel.to_host(imgs)  # every host gets the whole batch (on a pod: gathered)
             chunks.append(imgs[: imgs.shape[0] - pad] if pad else imgs)
             bar.update(min(batch_size, n - start))
         bar.close()

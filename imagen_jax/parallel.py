@@ -102,6 +102,27 @@ def batch_sharding(mesh, ndim):
     return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def to_global(x, sharding):
+    """A value every process holds in full (the same prompts, keys or images on each host) -> an
+    array laid out by `sharding`. One process passes it through: jit takes host values as they are.
+    Across processes jit refuses a host value for a sharded argument, so each process hands over
+    its own devices' slices of the global value."""
+    if jax.process_count() == 1:
+        return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(x):
+    """The whole value of an array as numpy, on every process (a multi-process array is gathered
+    from all hosts)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def data_parallel_size(mesh):
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
