@@ -139,7 +139,8 @@ def run(args, log=print):
                                      f"{inception.WEIGHTS_FILENAME} (download it from {inception.WEIGHTS_URL})")
     weights_sha256 = inception.check_sha256(args.inception, args.inception_sha256 or inception.WEIGHTS_SHA256)
     params = inception.load(args.inception, cache_path=os.path.join(cache_dir, "fid_inception.npz"))
-    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    # Each host's own devices: on a pod the hosts share the shards out, not one global batch.
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
     if args.images is not None:  # a folder of images: no model, no captions
         evaluator = protocol.Evaluator(args.workdir, proto, samplers=[], cond=None, inception_params=params,
                                        mesh=mesh, cache_dir=cache_dir, progress=not args.quiet, log=log)
@@ -165,7 +166,8 @@ def run(args, log=print):
 
     evaluator = protocol.Evaluator(args.workdir, proto, samplers=samplers, cond=cond, inception_params=params,
                                    mesh=mesh, clip=clip, cache_dir=cache_dir, progress=not args.quiet, log=log)
-    evaluator.reference()  # a short or broken COCO source fails here, before any sampling
+    if jax.process_index() == 0:  # the reference statistics are process 0's alone on a pod
+        evaluator.reference()  # a short or broken COCO source fails here, before any sampling
     extra = {"text_encoder": cond.description, "inception_weights": paths.absolute(args.inception),
              "inception_sha256": weights_sha256,
              "command": "python -m imagen_jax.evaluate_fid " + " ".join(args.argv)}

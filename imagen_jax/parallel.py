@@ -123,6 +123,15 @@ def to_host(x):
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def sync_hosts(name):
+    """Every process waits here until all have arrived (a no-op on one process). Call it on a path
+    every host takes, never inside a branch that depends on what this host saw on disk."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def data_parallel_size(mesh):
     return mesh.shape["data"] * mesh.shape["fsdp"]
 

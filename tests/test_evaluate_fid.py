@@ -423,3 +423,45 @@ def test_resume_on_another_batch_size_and_device_count_is_the_uninterrupted_run(
                                   FeatureStore(tmp_path / "whole" / "samples", 8, 4).concatenate())
     assert part["fid"] == whole["fid"] and part["kid"] == whole["kid"]
     assert whole["inception_sha256"] == inception.source_sha256(env["weights"])
+
+
+def test_two_hosts_share_the_shards(env, tmp_path):
+    """Two processes (jax.distributed over localhost, one device each), as launch/tpu.sh starts the
+    tool on a pod: each samples every other shard into the shared workdir, process 0 alone writes
+    fid.json, and the images are those of a one-host run on 8 devices bit for bit (noise keyed by
+    caption index; the base stage), the FID equal to float round-off of the Inception batches."""
+    import subprocess
+    import sys
+
+    from test_multihost import env as process_env, free_port
+
+    def argv(workdir):
+        return ["--stages", env["base"], "--inception", env["weights"], "--inception_sha256", "any",
+                "--coco", env["coco"], "--cache_dir", env["cache"], "--workdir", str(workdir), "--num_samples", "8",
+                "--shard_size", "2", "--steps", "2", "--guidance", "2", "--resolution", str(RES),
+                "--inception_batch", "8", "--seed", "3", "--caption_seed", "1", "--quiet"]
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "imagen_jax.evaluate_fid", *argv(tmp_path / "two")],
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env=process_env(1, IMAGEN_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                                              IMAGEN_JAX_NUM_PROCESSES="2", IMAGEN_JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "process 1: sampled 2 shards; process 0 writes fid.json" in outs[1]
+    two = json.loads((tmp_path / "two" / "fid.json").read_text())
+    assert two["shards_computed"] == 2 and two["num_samples"] == 8  # process 0's own two of the four
+
+    assert evaluate_fid.main(argv(tmp_path / "one")) == 0
+    one = json.loads((tmp_path / "one" / "fid.json").read_text())
+    shards = sorted(n for n in os.listdir(tmp_path / "one" / "samples" / "image_shards") if n.endswith(".npy"))
+    assert len(shards) == 4
+    for name in shards:
+        a, b = (np.load(tmp_path / d / "samples" / "image_shards" / name) for d in ("one", "two"))
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    np.testing.assert_allclose(FeatureStore(tmp_path / "two" / "samples", 8, 2).concatenate(),
+                               FeatureStore(tmp_path / "one" / "samples", 8, 2).concatenate(), rtol=1e-4, atol=1e-5)
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-4)

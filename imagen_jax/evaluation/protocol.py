@@ -39,7 +39,10 @@ EVAL_DIR layout:
   sweep/guidance_<w>/           feature shards per guidance weight
   sweep.json, sweep.md, sweep.png, sweep.svg   the sweep: table and plot of FID (and CLIP) vs guidance
 
-Single host: every local device samples, this process writes the files.
+Several hosts (a pod, jax.distributed): each host samples every P-th of the missing shards on its
+own devices (a mesh of jax.local_devices()) and writes those shards' files; after a barrier process
+0 reads every host's shards and writes the results (fid.json, sweep.*). The workdir must be one that
+every host reads and writes (gs://). No host's choice of work depends on what another has written.
 """
 from __future__ import annotations
 
@@ -238,9 +241,12 @@ class Evaluator:
     def __init__(self, workdir: str, protocol: Protocol, *, samplers: Sequence[cascade.StageSampler],
                  cond: Callable, inception_params, mesh, clip: ClipScorer | None = None,
                  cache_dir: str | None = None, progress: bool = True, log: Callable = print):
-        if jax.process_count() > 1:
-            raise ProtocolError("FID evaluation runs on one host (all its devices); "
-                                f"got {jax.process_count()} processes")
+        self.process, self.processes = jax.process_index(), jax.process_count()
+        self.primary = self.process == 0
+        if self.processes > 1 and mesh is not None and any(
+                d.process_index != self.process for d in mesh.devices.flat):
+            raise ProtocolError("on several hosts each host evaluates on its own devices: build the mesh "
+                                "from jax.local_devices()")
         self.workdir, self.protocol = paths.absolute(workdir), protocol
         self.samplers, self.cond, self.mesh, self.clip = list(samplers), cond, mesh, clip
         self.cache_dir = paths.absolute(cache_dir or os.path.join(self.workdir, "cache"))
@@ -392,6 +398,7 @@ class Evaluator:
             clip_store = FeatureStore(os.path.join(directory, "clip"), n, p.shard_size, 1)
             _check_run_file(clip_store.workdir, {"clip": paths.absolute(self.clip.source)})
         todo = sorted(set(store.missing()) | set(clip_store.missing() if clip_store else []))
+        todo = todo[self.process::self.processes]  # this host's share (all of it on one host)
         shard_images = os.path.join(directory, "image_shards")
         paths.makedirs(shard_images)
         image_file = lambda i: os.path.join(shard_images, f"shard-{i:05d}.npy")  # noqa: E731
@@ -436,7 +443,15 @@ class Evaluator:
             bar.update(stop - start)
         bar.close()
         todo = sample
-        seconds = time.time() - t0
+        seconds = time.time() - t0  # this host's sampling (on a pod each host reports its own share)
+        if self.processes > 1:
+            parallel.sync_hosts(f"evaluate_fid {directory}: every host's shards written")
+            if not self.primary:
+                return {"features": None, "shards_computed": todo, "seconds": seconds}
+            unfinished = sorted(set(store.missing()) | set(clip_store.missing() if clip_store else []))
+            if unfinished:
+                raise ProtocolError(f"{directory}: shards {unfinished[:8]} are missing after every host finished; "
+                                    "the hosts do not share the workdir (give a gs:// --workdir)")
         made_with = {}  # provenance per shard: settings that move only float round-off (not refused)
         for index in range(store.num_shards):
             f = made_with_file(index)
@@ -452,6 +467,9 @@ class Evaluator:
     def score(self, captions: coco.CaptionSample, directory: str, desc: str) -> dict:
         """FID (and mean CLIP score) of one caption set; see `sample_and_score`."""
         res = self.sample_and_score(captions, directory, desc)
+        if res["features"] is None:  # a host other than process 0 on a pod: it only sampled its share
+            return {"fid": None, "num_samples": len(captions.captions),
+                    "shards_computed": len(res["shards_computed"]), "seconds": round(res["seconds"], 3)}
         mu, sigma, _ = self.reference()
         value = fid_to_reference(res["features"], mu, sigma)
         clip = None if res["clip"] is None else float(np.mean(res["clip"]))
@@ -510,8 +528,12 @@ class Evaluator:
         if p.num_samples < 2:
             raise ProtocolError(f"num_samples must be >= 2 for a covariance, got {p.num_samples}")
         captions = self.draw_captions(p.num_samples, os.path.join(self.workdir, "captions.json"))
-        self.reference()  # before sampling: a bad COCO source fails before hours of sampling
+        if self.primary:
+            self.reference()  # before sampling: a bad COCO source fails before hours of sampling
         res = self.score(captions, os.path.join(self.workdir, "samples"), "FID samples")
+        if not self.primary:
+            self.log(f"process {self.process}: sampled {res['shards_computed']} shards; process 0 writes fid.json")
+            return res
         record = {**res, **self._record(extra), "captions_file": os.path.join(self.workdir, "captions.json")}
         _write_json(os.path.join(self.workdir, "fid.json"), record)
         clip = "" if res["clip_score"] is None else f", CLIP score {res['clip_score']:.2f}"
@@ -530,6 +552,8 @@ class Evaluator:
         if len(files) < 2:
             raise ProtocolError(f"--images {folder!r} holds {len(files)} images (.png/.jpg/.jpeg/.webp); "
                                 "FID needs at least 2")
+        if self.processes > 1:
+            raise ProtocolError("--images runs on one host: start it without jax.distributed (not on every worker)")
         directory = os.path.join(self.workdir, "folder")
         _check_run_file(directory, {"folder": paths.absolute(folder), "num_images": len(files),
                                     "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(),
@@ -591,7 +615,8 @@ class Evaluator:
             raise ProtocolError(f"sweep_samples must be >= 2, got {num_samples}")
         sweep_dir = os.path.join(self.workdir, "sweep")
         captions = self.draw_captions(num_samples, os.path.join(sweep_dir, "captions.json"))
-        self.reference()
+        if self.primary:
+            self.reference()
         base = self.samplers[0]
         original = base.settings
         rows = []
@@ -600,10 +625,13 @@ class Evaluator:
                 base.settings = dataclasses.replace(original, guidance=float(w))
                 res = self.score(captions, os.path.join(sweep_dir, f"guidance_{w:g}"), f"guidance {w:g}")
                 rows.append({"guidance": float(w), **res})
-                clip = "" if res["clip_score"] is None else f", CLIP score {res['clip_score']:.2f}"
-                self.log(f"guidance {w:g}: FID {res['fid']:.3f}{clip}")
+                if self.primary:
+                    clip = "" if res["clip_score"] is None else f", CLIP score {res['clip_score']:.2f}"
+                    self.log(f"guidance {w:g}: FID {res['fid']:.3f}{clip}")
         finally:
             base.settings = original
+        if not self.primary:
+            return {"rows": rows, "num_samples": num_samples}
         record = {"rows": rows, "num_samples": num_samples, "guidance_applies_to": "base stage",
                   **self._record(extra), "captions_file": os.path.join(sweep_dir, "captions.json")}
         _write_json(os.path.join(self.workdir, "sweep.json"), record)
