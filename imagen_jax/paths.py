@@ -74,38 +74,35 @@ def read_text(p) -> str:
 
 def write_bytes(p, data: bytes):
     """Atomic: readers see the old file or the new one. A GCS object upload is atomic by itself;
-    a local file is written beside its target and renamed."""
+    a local file is written beside its target, flushed to disk, then renamed (a crash leaves at
+    most a stray `.NAME.tmp-*` sibling, never a truncated file under the real name)."""
     q = path(p)
     if is_remote(p):
         q.write_bytes(data)
         return
     tmp = q.parent / f".{q.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_bytes(data)
-    os.replace(tmp, q)
-
-
-def write_npz(p, arrays):
-    """`np.savez(p, **arrays)`, atomic like write_bytes; a local file is streamed to its temporary
-    sibling instead of being built in memory first."""
-    import io
-
-    import numpy as np
-
-    if is_remote(p):
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        write_bytes(p, buf.getvalue())
-        return
-    q = path(p)
-    q.parent.mkdir(parents=True, exist_ok=True)
-    tmp = q.parent / f".{q.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, q)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_npz(p, arrays):
+    """`np.savez(p, **arrays)` through write_bytes (atomic), creating a local parent directory."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    if not is_remote(p):
+        path(p).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(p, buf.getvalue())
 
 
 def write_text(p, text: str):

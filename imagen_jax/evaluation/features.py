@@ -23,7 +23,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from typing import Callable
 
 import numpy as np
@@ -98,22 +97,9 @@ class FeatureStore:
     # -- io -----------------------------------------------------------------------
 
     def _atomic_write(self, path: str, write: Callable) -> None:
-        if paths.is_remote(path):
-            buf = io.BytesIO()
-            write(buf)
-            paths.write_bytes(path, buf.getvalue())
-            return
-        fd, tmp = tempfile.mkstemp(dir=self.workdir, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())  # data on disk before the name points at it
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        buf = io.BytesIO()
+        write(buf)
+        paths.write_bytes(path, buf.getvalue())  # atomic, local or gs://
 
     def write(self, index: int, features) -> str:
         """Store float32 [n, dim] features for shard `index` (n = its item count)."""
