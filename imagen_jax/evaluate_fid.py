@@ -166,7 +166,7 @@ def run(args, log=print):
 
     evaluator = protocol.Evaluator(args.workdir, proto, samplers=samplers, cond=cond, inception_params=params,
                                    mesh=mesh, clip=clip, cache_dir=cache_dir, progress=not args.quiet, log=log)
-    if jax.process_index() == 0:  # the reference statistics are process 0's alone on a pod
+    if evaluator.primary:  # the reference statistics are process 0's alone on a pod
         evaluator.reference()  # a short or broken COCO source fails here, before any sampling
     extra = {"text_encoder": cond.description, "inception_weights": paths.absolute(args.inception),
              "inception_sha256": weights_sha256,

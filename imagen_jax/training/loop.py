@@ -223,17 +223,16 @@ def enable_compilation_cache(config):
     if cache:
         # Every program is cached, not only the slow ones: a restart after a preemption then
         # skips compiling the step.
-        if jax.config.jax_compilation_cache_dir == cache:
-            return
-        jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        # jax opens its cache once, at the first compile that uses it: a process that has
-        # compiled before (a notebook, an earlier run in the same process) would otherwise keep
-        # writing to the old directory and ignore this one.
-        from jax._src import compilation_cache
+        if jax.config.jax_compilation_cache_dir != cache:
+            jax.config.update("jax_compilation_cache_dir", cache)
+            # jax opens its cache once, at the first compile that uses it: a process that has
+            # compiled before (a notebook, an earlier run in the same process) would otherwise
+            # keep writing to the old directory and ignore this one.
+            from jax._src import compilation_cache
 
-        compilation_cache.reset_cache()
+            compilation_cache.reset_cache()
 
 
 def train(config, workdir, stop_after=0):
