@@ -128,6 +128,35 @@ def test_biggan_block_resamples_skip_and_branch(resample):
     assert np.abs(np.asarray(block.apply(p2, x, emb)) - ref).max() > 1e-3
 
 
+@pytest.mark.parametrize("kernel,stride,dtype", [(3, 1, "float32"), (1, 1, "float32"), (3, 2, "float32"),
+                                                  (3, 1, "bfloat16")])
+def test_conv_is_flax_conv_with_an_ohwi_kernel(kernel, stride, dtype):
+    # The kernel is stored [out, kh, kw, in] (cuDNN's layout for NHWC, so the optimizer update reads
+    # its gradient untransposed); the layer must compute exactly nn.Conv with that kernel as HWIO.
+    import flax.linen as nn
+    from imagen_jax.models import layers
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 5))
+    layer = layers.Conv(7, kernel, stride, jnp.dtype(dtype))
+    params = nn.meta.unbox(layer.init(jax.random.PRNGKey(1), x))["params"]
+    assert params["kernel"].shape == (7, kernel, kernel, 5) and params["kernel"].dtype == jnp.float32
+    params = {"kernel": params["kernel"], "bias": jax.random.normal(jax.random.PRNGKey(2), (7,))}
+    ref = nn.Conv(7, (kernel, kernel), strides=(stride, stride), padding="SAME", dtype=jnp.dtype(dtype))
+    hwio = {"kernel": params["kernel"].transpose(1, 2, 3, 0), "bias": params["bias"]}
+    out = layer.apply({"params": params}, x)
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(ref.apply({"params": hwio}, x), np.float32))
+    assert out.dtype == jnp.dtype(dtype)
+    # lecun_normal over the right fan-in (kh * kw * in), whatever the layout.
+    big = nn.meta.unbox(layers.Conv(256, 3).init(jax.random.PRNGKey(3), jnp.zeros((1, 4, 4, 64))))["params"]
+    assert abs(float(jnp.std(big["kernel"])) * np.sqrt(9 * 64) - 1.0) < 0.02
+
+
+def test_upsample_nearest_is_resize_nearest():
+    from imagen_jax.models import layers
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 4))
+    np.testing.assert_array_equal(layers.upsample_nearest(x), jax.image.resize(x, (2, 10, 6, 4), "nearest"))
+
+
 def test_every_parameter_has_logical_axes():
     import flax.linen as nn
     shapes = param_shapes(model_config("sr1024"))

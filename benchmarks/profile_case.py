@@ -1,8 +1,8 @@
 """Profile one of the benchmark cases with jax.profiler and print where the device time goes.
 
-    python benchmarks/profile.py train --stage base64 --variant paper --optimizer adam --remat off --batch 64
-    python benchmarks/profile.py sample --stage base64 --variant small --steps 256 --batch 16
-    python benchmarks/profile.py train ... --trace_dir /tmp/trace   # keep the trace (Perfetto/TensorBoard)
+    python benchmarks/profile_case.py train --stage base64 --variant paper --optimizer adam --remat off --batch 64
+    python benchmarks/profile_case.py sample --stage base64 --variant small --steps 256 --batch 16
+    python benchmarks/profile_case.py train ... --trace_dir /tmp/trace   # keep the trace (Perfetto/TensorBoard)
 
 The case is built exactly as benchmarks/ours.py builds it (same config, inputs, compiled step); a
 few untraced warm-up iterations, then `--iters` traced ones. The trace (an XSpace .xplane.pb) is read
@@ -124,6 +124,7 @@ def _train_case(args):
     t0 = time.perf_counter()
     compiled = trainer.step.lower(state, batch, rng).compile()
     print(f"  compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+    _write_hlo(compiled, args.hlo_out)
     holder = {"state": state}
     del state
 
@@ -132,6 +133,16 @@ def _train_case(args):
         return metrics
 
     return step, f"train {args.stage}:{args.variant} batch {args.batch} ({config.optimizer.name}, remat={config.model.remat})"
+
+
+def _write_hlo(compiled, path):
+    """The optimised HLO (gzip), to look up what each fusion in the top-ops table computes."""
+    if path:
+        import gzip
+
+        with gzip.open(path, "wt") as f:
+            f.write(compiled.as_text())
+        print(f"  optimised HLO -> {path}", flush=True)
 
 
 def _sample_case(args):
@@ -174,6 +185,7 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--trace_dir", default="", help="keep the trace here (default: a temporary folder)")
     ap.add_argument("--json", default="", help="also write the summary here")
+    ap.add_argument("--hlo_out", default="", help="train: write the compiled step's optimised HLO here (.txt.gz)")
     args = ap.parse_args(argv)
 
     step, title = (_train_case if args.case == "train" else _sample_case)(args)
