@@ -475,6 +475,7 @@ def main(argv=None):
     ap.add_argument("--remat", default="config", choices=["config", "on", "off"],
                     help="rows 1-2: rematerialisation on both sides' config (the peer has none; it is ours only)")
     ap.add_argument("--no-compile-cache", action="store_true", help="no persistent XLA compilation cache")
+    ap.add_argument("--iters", type=int, default=0, help="timed iterations per case (default 10; sampling rows a third)")
     ap.add_argument("--fresh", action="store_true", help="do not keep the rows of an existing --out file")
     ap.add_argument("--verbose", action="store_true", help="also print the frameworks' log noise")
     ap.add_argument("--merge", nargs="+", default=None, help="only merge these result files into --out")
@@ -501,6 +502,8 @@ def main(argv=None):
     args.variants = [v for v in args.variants.split(",") if v] or None
     args.batches = [int(b) for b in args.batches.split(",") if b] or None
     s = settings(args.quick)
+    if args.iters:
+        s["iters"] = args.iters
     run = Runner(args)
     results = {"meta": {"runs": []}, "rows": {}} if args.fresh else load(args.out)
     started = time.time()
