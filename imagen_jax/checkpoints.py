@@ -66,6 +66,15 @@ def _abstract(tree, shardings):
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _restore_error(where, e):
+    msg = str(e).splitlines()[0][:300] if str(e) else ""
+    hint = ""
+    if "shape" in str(e).lower():
+        hint = ("; if this checkpoint predates 2026-12-02, its U-Net conv kernels are [kh, kw, in, out]: they are "
+                "now stored [out, kh, kw, in] (models/layers.Conv), so retrain or transpose them")
+    return CheckpointError(f"checkpoint {where} could not be restored ({type(e).__name__}: {msg}){hint}")
+
+
 def restore(mngr, step, abstract_state, state_shardings, items=("params", "ema_params", "opt_state")):
     """Restores the named items of `step` straight into their shardings; returns (dict, meta)."""
     args = {k: ocp.args.StandardRestore(_abstract(getattr(abstract_state, k), getattr(state_shardings, k)))
@@ -74,8 +83,7 @@ def restore(mngr, step, abstract_state, state_shardings, items=("params", "ema_p
     try:
         out = mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many kinds; the user needs the path and the cause
-        raise CheckpointError(f"checkpoint {paths.join(str(mngr.directory), str(step))} "
-                              f"could not be restored ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+        raise _restore_error(paths.join(str(mngr.directory), str(step)), e) from None
     return {k: out[k] for k in items}, dict(out["meta"])
 
 
@@ -94,8 +102,7 @@ def restore_params(workdir, abstract_params, shardings, *, step=None, which="ema
         try:
             out = mngr.restore(step, args=args)
         except Exception as e:
-            raise CheckpointError(f"checkpoint {paths.join(checkpoint_dir(workdir), str(step))} could not be "
-                                  f"restored ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
+            raise _restore_error(paths.join(checkpoint_dir(workdir), str(step)), e) from None
         return out[which], step
     finally:
         mngr.close()
