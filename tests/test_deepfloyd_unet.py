@@ -151,7 +151,7 @@ def test_fp16_variant(saved, tmp_path):
     _, p32 = dif.load_unet(tmp_path)  # only the fp16 file here: upcast
     assert {x.dtype for x in jax.tree_util.tree_leaves(p32)} == {jnp.dtype(jnp.float32)}
     sd = {k: v.float().numpy() for k, v in half.state_dict().items()}
-    np.testing.assert_array_equal(np.asarray(p32["conv_in"]["kernel"]), sd["conv_in.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(np.asarray(p32["conv_in"]["kernel"]), sd["conv_in.weight"].transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(np.asarray(p32["time_embedding"]["linear_1"]["kernel"]), sd["time_embedding.linear_1.weight"].T)
     # fp16 weights, float32 compute: the same numbers as torch's float32 model on the rounded weights
     ref = _torch_out(half.float(), *inputs)
@@ -162,7 +162,7 @@ def test_fp16_variant(saved, tmp_path):
             os.link(d / f, tmp_path / f)
     _, p32 = dif.load_unet(tmp_path)
     np.testing.assert_array_equal(np.asarray(p32["conv_in"]["kernel"]),
-                                  model.state_dict()["conv_in.weight"].numpy().transpose(2, 3, 1, 0))
+                                  model.state_dict()["conv_in.weight"].numpy().transpose(0, 2, 3, 1))
 
 
 def test_loads_straight_into_shards(saved):
@@ -174,8 +174,8 @@ def test_loads_straight_into_shards(saved):
     k = params["down_blocks_1"]["attentions_0"]["to_q"]["kernel"]
     assert k.sharding.spec[0] == "fsdp" and len(k.addressable_shards) == 8
     assert k.addressable_shards[0].data.shape == (64 // 8, 64)
-    conv = params["down_blocks_1"]["resnets_0"]["conv2"]["kernel"]  # HWIO: input channels over fsdp
-    assert conv.addressable_shards[0].data.shape == (3, 3, 64 // 8, 64)
+    conv = params["down_blocks_1"]["resnets_0"]["conv2"]["kernel"]  # OHWI: input channels over fsdp
+    assert conv.addressable_shards[0].data.shape == (64, 3, 3, 64 // 8)
     _, plain = dif.load_unet(d)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, plain)
 

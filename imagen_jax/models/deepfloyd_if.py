@@ -21,7 +21,7 @@ import math
 import os
 import re
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -241,11 +241,11 @@ def _dense(features, in_axis, out_axis, dtype, param_dtype, name):
 
 
 def _conv(features, kernel, dtype, param_dtype, name):
+    # Kernels OHWI (torch's OIHW with the input axis moved last), cuDNN's layout for NHWC: no
+    # per-call kernel transpose (layers.Conv says why).
     pad = (kernel - 1) // 2
-    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), dtype=dtype,
-                   param_dtype=param_dtype,
-                   kernel_init=_part(nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
-                   bias_init=_part(nn.initializers.zeros_init(), ("conv_out",)), name=name)
+    return layers.Conv(features, kernel, 1, dtype, padding=((pad, pad), (pad, pad)), param_dtype=param_dtype,
+                       name=name)
 
 
 def _group_norm(groups, eps, dtype, param_dtype, name):
@@ -648,12 +648,12 @@ def _tensor_table(origin, files):
 
 def flax_path(torch_key: str, ndim: int) -> tuple[tuple[str, ...], Optional[tuple[int, ...]]]:
     """A diffusers tensor name -> (the Flax parameter path, the axis permutation from torch layout).
-    'down_blocks.0.resnets.1.conv1.weight' (4-d) -> (('down_blocks_0', 'resnets_1', 'conv1', 'kernel'), (2, 3, 1, 0))."""
+    'down_blocks.0.resnets.1.conv1.weight' (4-d) -> (('down_blocks_0', 'resnets_1', 'conv1', 'kernel'), (0, 2, 3, 1))."""
     parts = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", torch_key).split(".")
     *mods, leaf = parts
     if leaf == "weight":
-        if ndim == 4:  # conv OIHW -> HWIO
-            return (*mods, "kernel"), (2, 3, 1, 0)
+        if ndim == 4:  # conv OIHW -> OHWI (layers.Conv)
+            return (*mods, "kernel"), (0, 2, 3, 1)
         if ndim == 2:  # linear [out, in] -> [in, out]
             return (*mods, "kernel"), (1, 0)
         return (*mods, "scale"), None  # GroupNorm / LayerNorm

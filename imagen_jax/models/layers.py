@@ -34,7 +34,8 @@ class Conv(nn.Module):
     every conv gradient transposed (profiled on an H200, base64 paper, Adam: 41 ms of a 581 ms
     step in transposing update fusions running at ~1/4 of memory bandwidth) and transpose every
     kernel again for the forward pass. Numerics are those of nn.Conv (same init distribution,
-    compute in `dtype`, float32 parameters).
+    compute in `dtype`, parameters in `param_dtype`). DeepFloyd IF's U-Net uses it too, with its
+    explicit (k - 1) // 2 padding.
     """
 
     features: int
@@ -42,16 +43,18 @@ class Conv(nn.Module):
     stride: int = 1
     dtype: Dtype = jnp.float32
     zero: bool = False
+    padding: Any = "SAME"
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         k = self.kernel
         init = nn.initializers.zeros_init() if self.zero else nn.initializers.lecun_normal(in_axis=-1, out_axis=0)
         w = self.param("kernel", _part(init, ("conv_out", None, None, "conv_in")),
-                       (self.features, k, k, x.shape[-1]), jnp.float32)
-        b = self.param("bias", _part(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), jnp.float32)
+                       (self.features, k, k, x.shape[-1]), self.param_dtype)
+        b = self.param("bias", _part(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), self.param_dtype)
         y = jax.lax.conv_general_dilated(x.astype(self.dtype), w.astype(self.dtype), (self.stride, self.stride),
-                                         "SAME", dimension_numbers=("NHWC", "OHWI", "NHWC"))
+                                         self.padding, dimension_numbers=("NHWC", "OHWI", "NHWC"))
         return y + b.astype(self.dtype)
 
 
