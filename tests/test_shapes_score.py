@@ -69,3 +69,24 @@ def test_blank_and_mismatched_inputs():
     s = ss.score([blank], ["a red circle"])     # names no position or background: those are left out
     assert s.counts == dict(color=1, background=0, position=0, shape=1)
     assert s.right["color"] == 0.0 and s.right["shape"] == 0.0 and np.isnan(s.right["position"])
+
+
+def test_speckle_does_not_move_the_shape():
+    # Issue 15: isolated speckle pixels (a sampler's leftover noise) must not pull the centroid, the
+    # area or the template match away from the one shape drawn; read from the whole foreground,
+    # 50 speckles on the far side moved this small shape on the left to the centre.
+    ds = shapes.ShapesDataset(seed=0, size=SIZE)
+    i = next(i for i in range(200) if ds.held_out_item(i)[2]["position"] == "left"
+             and ds.held_out_item(i)[2]["size"] == "small")
+    image, caption, attrs = ds.held_out_item(i)
+    noisy = image.copy()
+    rng = np.random.default_rng(0)
+    colours = np.asarray(list(shapes.COLORS.values()), np.uint8)
+    ys, xs = np.mgrid[1:SIZE - 1:3, SIZE // 2 + 2:SIZE - 1:3]           # a lattice: no two speckles touch
+    for y, x in zip(ys.ravel(), xs.ravel()):
+        noisy[y, x] = colours[rng.integers(len(colours))]
+    assert len(ys.ravel()) == 50
+    assert ss.position_of(ss.foreground(noisy)) != "left"                # what the whole foreground says
+    got = ss.read_image(noisy)
+    assert got["position"] == "left" and got["shape"] == attrs["shape"], (got, caption)
+    np.testing.assert_array_equal(ss.shape_mask(ss.foreground(image)), ss.foreground(image))
