@@ -10,16 +10,32 @@ Why 16 -> 64: a train step of the old 32x32 base cost 23 GFLOP at batch 16 (0.9 
 size are all decided at low resolution; the SR stage trains on 32x32 crops of 64x64 images (2.5 GFLOP a
 step at batch 32, 0.1 s) and samples at 64x64.
 
-Measured 2026-12-02 06:02 UTC on the 2-core "AMD EPYC" machine (AVX2, no AVX-512), shared with other
-jobs (1-minute load average 1.5-4.6, mean 2.9), `python -m imagen_jax.demo --workdir=/tmp/demo_final`:
-474 s from start to scores (base 340 s incl. a 28 s compile, SR 113 s incl. 19 s compile, sampling 21 s;
-478 s wall for the process); held-out prompts at 64x64 (16, imagen_jax/evaluation/shapes_score.py):
-colour 81% (chance 14%), background 100% (33%), position 31% (20%), shape 12% (17%), all four 6%.
-So colour and background are learnt; position and shape are NOT (issue 15 asks position >= 70%), and
-the backgrounds still carry coloured speckle, which is already in the base's 16x16 samples (border
-mean absolute deviation 8/255 at 16x16; the SR stage given ground-truth 16x16 inputs keeps colour,
-background and position at 100% of 64 prompts, shape 81%, in a GPU run of the same config). The previous base (min_snr weighting, dynamic thresholding, no
-cross-attention) gave colour 88%, background 62% (mostly gray), position 25%, shape 19% in 561 s.
+Measured 2026-12-02 15:06 UTC on the 2-core "AMD EPYC" machine (AVX2, no AVX-512), shared with
+another engineer's jobs (1-minute load average 0.1-2.2, mean 1.5), `python -m imagen_jax.demo
+--workdir=/tmp/demo_final2` in the working tree's venv: 473 s from start to scores (base 1000 steps
+360 s incl. the vocabulary and a ~25 s compile, SR 80 s, sampling 33 s; 477 s wall for the process);
+held-out prompts at 64x64 (16, imagen_jax/evaluation/shapes_score.py): colour 100% (chance 14%),
+background 100% (33%), position 94% (20%), shape 12% (17%), all four 12%. On 48 held-out prompts
+(same stages, seed 0): colour 94%, background 100%, position 90%, shape 21%.
+
+Position is learnt late: with the plain v-loss below, 600 base steps gave position 25% (48 prompts
+at 16x16, the base's mean x0 prediction at high noise in the prompt's region for 13-20% of prompts,
+i.e. chance), 800 steps 52% (44% of 16 at 64x64, 407 s), 1000 steps 90%. The config before this
+change (min_snr_plus1, 600 base steps; HEAD ad7e320, idle) took 363 s: colour 88%, background 100%,
+position 25% (38% with the scorer's speckle-robust reading), shape 25%. Tried at 600 base steps and
+dropped: two coordinate channels concatenated to the U-Net input (colour 46%, position 15-21% on 48
+prompts at 16x16), the same plus learned position embeddings added before each attention layer
+(colour 25%, position 19%); both learnt slower (loss 0.30-0.36 at step 100 vs 0.14).
+
+Still unmet (issue 15): shape (reported only: at chance; the blobs are not recognisably shaped) and
+a speckle-free grid. The 16x16 base output has half the background speckle of before (border mean
+absolute deviation 4.0/255 at 1000 steps, 4.9 at 600, vs 9.2/255 with min_snr_plus1; 48 prompts);
+the 64x64 output still carries fine-grained speckle from the SR stage (border MAD 12.4/255 at 64x64;
+SR trained with the plain v-loss 14.7, 32 SR sampling steps 13.1, augmentation level 0 11.4, all
+with the 600-step base). The SR stage given ground-truth 16x16 inputs keeps colour, background and
+position at 100% of 64 prompts, shape 81%, in a GPU run of the same config. The base before (min_snr
+weighting, dynamic thresholding, no cross-attention) gave colour 88%, background 62% (mostly gray),
+position 25%, shape 19% in 561 s.
 Point `text.t5_checkpoint` and `text.vocab` at a real T5X
 checkpoint and SentencePiece model to condition on real T5 instead (and set model.text_dim).
 """
@@ -45,13 +61,18 @@ def get_config(arg="base"):
         # Text cross-attention at 8x8 and 4x4 besides the self-attention with text keys: measured
         # (600 steps, 48 held-out prompts, guidance 3 static) colour 69% vs 46% without it.
         c.diffusion.prediction = "v"
-        # min_snr_plus1, not min_snr: min-SNR's x0-space weight min(snr, 5) is ~0 at the noisiest
-        # levels, where the background and the layout are decided, and the base never learnt the
-        # background (62%, mostly gray). With weight min(snr + 1, 5) it is right in 100% of 48 held-out
-        # prompts after 600 steps; colour learns slower (88% -> 69%) and position is still at chance.
-        c.diffusion.weighting = "min_snr_plus1"
+        # The plain v-loss ("none"): x0-space weight snr + 1 (Salimans & Ho's "SNR+1"), so the noisiest
+        # levels, where background and layout are decided, keep x0 weight >= 1 (min-SNR's min(snr, 5)
+        # ~0 there: background 62%, mostly gray), and the low-noise levels keep v-weight 1. With
+        # min_snr_plus1 (x0 weight min(snr + 1, 5), v-weight 5 / (snr + 1) -> 0 at low noise) the last
+        # sampling steps never learnt to remove the remaining noise: coloured speckle in the 16x16
+        # backgrounds, border mean absolute deviation 9.2/255 vs 4.9/255 with "none" (600 steps, 48
+        # held-out prompts, 2026-12-02; colour 92% vs 83%, background 100% both, position 35% vs 25%,
+        # i.e. at chance for both). 64 DDIM steps instead of 32 left it at 5.1 (the model, not the
+        # sampler); guidance 1.5 instead of 3 gave 6.3 with min_snr_plus1 but colour 73%.
+        c.diffusion.weighting = "none"
         c.train.batch_size = 32
-        c.train.num_steps = 600
+        c.train.num_steps = 1000  # position: 25% at 600 steps, 52% at 800, 90% at 1000 (48 prompts)
         c.optimizer.learning_rate = 3e-3
         # Static thresholding: dynamic thresholding divides x0 by its 99.5th-percentile |value|, which
         # under guidance is a saturated shape colour, so white and black backgrounds were shrunk to

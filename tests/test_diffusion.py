@@ -124,6 +124,22 @@ def test_min_snr_plus1_weight_in_x0_space():
     assert float(v_plain[0]) < 1e-3 and float(diffusion.loss_weight(logsnr, "v", "min_snr_plus1")[0]) == 1.0
 
 
+def test_demo_base_trains_every_noise_level():
+    # Issue 15's speckle: configs/demo.py's base must keep the low-noise levels trained (v-space weight
+    # 1; min_snr_plus1's 5 / (snr + 1) left the last sampling steps unable to remove the remaining
+    # noise) and the noisiest ones too (x0-space weight snr + 1 >= 1; min_snr's min(snr, 5) -> 0 lost
+    # the background).
+    from configs import demo
+
+    c = demo.get_config("base").diffusion
+    snr = np.asarray([1e-4, 0.5, 3.0, 10.0, 100.0, 3000.0])
+    w = np.asarray(diffusion.loss_weight(jnp.log(jnp.asarray(snr, jnp.float32)), c.prediction, c.weighting,
+                                         min_snr_gamma=c.min_snr_gamma))
+    to_x0 = {"v": snr + 1.0, "eps": snr, "x0": np.ones_like(snr)}[c.prediction]
+    np.testing.assert_allclose(w * to_x0 / to_x0[-1], (snr + 1.0) / (snr[-1] + 1.0), rtol=1e-4)  # x0 weight ~ snr + 1
+    assert np.all(w * to_x0 >= 1.0 - 1e-4), w * to_x0
+
+
 def gaussian_zero_eps(x_t, logsnr):
     # Data is exactly 0, so x_t = sigma * eps and eps = x_t / sigma.
     _, sigma = schedules.alpha_sigma(logsnr)
