@@ -27,7 +27,7 @@ def constrain(x):
 
 
 class Conv(nn.Module):
-    """2-D convolution of NHWC activations, "SAME" padding, kernel stored [out, kh, kw, in] (OHWI).
+    """2-D convolution of NHWC activations ("SAME" padding unless given), kernel stored [out, kh, kw, in] (OHWI).
 
     OHWI, not Flax's HWIO: with NHWC activations cuDNN's filter layout is KRSC (= OHWI), and its
     weight-gradient kernel writes that layout. An HWIO parameter made XLA's optimizer update read
