@@ -91,7 +91,7 @@ def _train_at(config, mesh, global_batch, spec):
         return holder["metrics"], holder["state"].step
 
     t = measure(step, _sync_tree, warmup=int(spec["warmup"]), iters=int(spec["iters"]),
-                budget_s=float(spec["budget_s"]) * 0.6, log=log)
+                budget_s=float(spec["budget_s"]) * 0.6, log=log, pipelined=int(spec.get("pipelined", 0)))
     loss = float(holder["metrics"]["loss"])
     nonfinite = int(holder["state"].nonfinite_step)
     model_flops = None
@@ -102,6 +102,7 @@ def _train_at(config, mesh, global_batch, spec):
     ndev = mesh.size
     out = {"batch": global_batch, "devices": ndev, "mesh": dict(mesh.shape), "params": n_params,
            "compile_s": compile_s, "timing": t, "images_per_s": global_batch / t["median_s"],
+           "images_per_s_pipelined": global_batch / t["pipelined_median_s"] if "pipelined_median_s" in t else None,
            "loss": loss, "nonfinite_step": nonfinite, "memory_bytes_per_device": mem_bytes,
            "compiled_flops_per_device": compiled_flops, "model_flops": model_flops,
            "dp_size": int(parallel.data_parallel_size(mesh)),
@@ -115,6 +116,8 @@ def _train_at(config, mesh, global_batch, spec):
         if per_dev:
             out["mfu"] = per_dev / t["median_s"] / peak
             out["mfu_flops_source"] = "model (3x forward, no remat)" if model_flops else "compiled"
+            if "pipelined_median_s" in t:
+                out["mfu_pipelined"] = per_dev / t["pipelined_median_s"] / peak
         if compiled_flops:
             out["hfu_compiled"] = compiled_flops / t["median_s"] / peak
     holder.clear()

@@ -155,9 +155,10 @@ def train(spec):
 
             log(f"  peer train batch {b}")
             t = measure(step, _sync, warmup=int(spec["warmup"]), iters=int(spec["iters"]),
-                        budget_s=float(spec["budget_s"]) * 0.7, log=log)
+                        budget_s=float(spec["budget_s"]) * 0.7, log=log, pipelined=int(spec.get("pipelined", 0)))
             mem = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
             return {"batch": b, "params": int(n_params), "timing": t, "images_per_s": b / t["median_s"],
+                    "images_per_s_pipelined": b / t["pipelined_median_s"] if "pipelined_median_s" in t else None,
                     "loss": float(state["loss"]), "optimizer": opt_name, "unet_kwargs": _jsonable(kwargs),
                     "max_memory_bytes": mem, "tried": tried, "imagen_pytorch": _imagen_version(),
                     "settings": (f"{'bf16 autocast' if dev.type == 'cuda' else 'float32'}, no remat, "

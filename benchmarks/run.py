@@ -56,13 +56,13 @@ def settings(quick):
                     ddpm_steps=4, ddim_steps=2, sr_steps=3, guidance=5.0,
                     t5_dims=T5_TINY, t5_batch=2, t5_len=16,
                     fid_n=4, fid_size=64, fid_batch=2, scale_variants=["tiny"], scale_batch={"tiny": [2]},
-                    matmul_n=256)
+                    matmul_n=256, pipelined=2)
     return dict(text_len=128, warmup=2, iters=10, train_variants=["paper", "small"],
                 batches={"paper": [64, 32, 16, 8], "small": [128, 64, 32]},
                 sample_variants=["small"], sample_batch=16, ddpm_steps=256, ddim_steps=50, sr_steps=128,
                 guidance=5.0, t5_dims=T5_XXL, t5_batch=64, t5_len=128,
                 fid_n=1000, fid_size=256, fid_batch=200, scale_variants=["small"],
-                scale_batch={"small": [64], "paper": [16, 8]}, matmul_n=8192)
+                scale_batch={"small": [64], "paper": [16, 8]}, matmul_n=8192, pipelined=5)
 
 
 # --------------------------------------------------------------------------- child processes
@@ -192,9 +192,11 @@ def ok(r):
     return isinstance(r, dict) and "error" not in r
 
 
-def entry(case, unit, ours, ref, ref_name, *, ratio_name="ours/peer", notes=(), ratio=None, details=None):
-    ov = ours.get(unit.replace("/", "_per_")) if ok(ours) else None
-    rv = ref.get(unit.replace("/", "_per_")) if ok(ref) else None
+def entry(case, unit, ours, ref, ref_name, *, ratio_name="ours/peer", notes=(), ratio=None, details=None,
+          key=None):
+    key = key or unit.replace("/", "_per_")  # the result field holding the value
+    ov = ours.get(key) if ok(ours) else None
+    rv = ref.get(key) if ok(ref) else None
     if ratio is None and ov and rv:
         ratio = ov / rv
     notes = list(notes)
@@ -238,7 +240,7 @@ def row_train(run, s, stage, row):
         for opt in optimizers:
             batches = run.args.batches or s["batches"].get(v, [8])
             common = dict(stage=stage, variant=v, text_len=s["text_len"], warmup=s["warmup"], iters=s["iters"],
-                          optimizer=opt, remat=run.args.remat)
+                          optimizer=opt, remat=run.args.remat, pipelined=s["pipelined"])
             label = f"{stage}:{v}" + ("" if opt == "config" else f" {opt}")
             o = run.job("ours", "train", dict(common, batches=batches, peak_flops=run.peak),
                         label=f"row{row} ours {label}", until=plan.next())
@@ -256,6 +258,12 @@ def row_train(run, s, stage, row):
                 notes.append(f"peer: batch {p['batch']}, {fmt(p['params'] / 1e6)}M params, "
                              f"{p.get('settings', '')}")
             out.append(entry(f"{stage} {label}", "images/s", o, p, "imagen-pytorch", notes=notes))
+            # The same steps as a training loop runs them: no sync between steps on either side.
+            piped = entry(f"{stage} {label}, {s['pipelined']} steps a sync", "images/s", o, p, "imagen-pytorch",
+                          key="images_per_s_pipelined", details={"same jobs as": f"{stage} {label}"})
+            if ok(o) and o.get("mfu_pipelined") is not None:
+                piped["notes"].append(f"MFU {100 * o['mfu_pipelined']:.1f}%")
+            out.append(piped)
     return out
 
 
@@ -265,6 +273,8 @@ def row_sample(run, s, stage, row):
         samplers = [("ddpm", s["ddpm_steps"]), ("ddim", s["ddim_steps"])]
     else:
         samplers = [("ddpm", s["sr_steps"])]
+    chosen = [x for x in run.args.samplers.split(",") if x]
+    samplers = [x for x in samplers if not chosen or x[0] in chosen]
     plan = Plan(run.args.budget, 2 * len(variants) * len(samplers))
     out = []
     for v in variants:
@@ -474,6 +484,7 @@ def main(argv=None):
                     help="rows 1-2: comma list of config | adam | adafactor, each a case run on both sides")
     ap.add_argument("--remat", default="config", choices=["config", "on", "off"],
                     help="rows 1-2: rematerialisation on both sides' config (the peer has none; it is ours only)")
+    ap.add_argument("--samplers", default="", help="rows 3-4: comma list of ddpm | ddim (default: both for row 3)")
     ap.add_argument("--no-compile-cache", action="store_true", help="no persistent XLA compilation cache")
     ap.add_argument("--iters", type=int, default=0, help="timed iterations per case (default 10; sampling rows a third)")
     ap.add_argument("--fresh", action="store_true", help="do not keep the rows of an existing --out file")
