@@ -12,7 +12,7 @@ import numpy as np
 
 from imagen_jax import checkpoints, diffusion, parallel, paths
 from imagen_jax.diffusion import keys, schedules
-from imagen_jax.models import UNet, UNetConfig, cast_conv_kernels, init_inputs, upsample_lowres
+from imagen_jax.models import UNet, UNetConfig, cast_kernels, init_inputs, text_cache, upsample_lowres
 
 
 class CascadeError(ValueError):
@@ -155,9 +155,12 @@ class StageSampler:
     def _sample(self, params, text, mask, lowres, rng, guidance, aug_level, percentile):
         st, s = self.stage, self.settings
         b, size = text.shape[0], self.stage.image_size
-        params = cast_conv_kernels(st.model_cfg, params)  # once, not at every step of the loop
+        params = cast_kernels(st.model_cfg, params)  # once, not at every step of the loop
         text2 = jnp.concatenate([text, jnp.zeros_like(text)], 0)  # [cond; null] in one batch
         mask2 = jnp.concatenate([mask, jnp.zeros_like(mask)], 0)
+        with nn.logical_axis_rules(self.rules):  # the text's projections, once for the whole loop
+            cache = text_cache(self.model, params, text2, mask2)
+        half_cache = jax.tree_util.tree_map(lambda a: a[:b], cache)
         kw = {}
         init_rng, loop_rng, aug_rng = keys.split(rng, 3)  # rng: one key, or one per image
         if st.is_sr:
@@ -168,12 +171,12 @@ class StageSampler:
 
         def model_fn(x, logsnr):
             with nn.logical_axis_rules(self.rules):
-                return self.model.apply({"params": params}, x, logsnr, text2, mask2, **kw)
+                return self.model.apply({"params": params, "text_cache": cache}, x, logsnr, text2, mask2, **kw)
 
         def cond_fn(x, logsnr):  # the conditional half alone: guidance 1 skips the null-text pass
             half = {k: v[:b] for k, v in kw.items()}
             with nn.logical_axis_rules(self.rules):
-                return self.model.apply({"params": params}, x, logsnr, text, mask, **half)
+                return self.model.apply({"params": params, "text_cache": half_cache}, x, logsnr, text, mask, **half)
 
         x_init = keys.normal(init_rng, (b, size, size, 3))
         return diffusion.sample_loop(diffusion.guided(model_fn, guidance, cond_fn), x_init, loop_rng,

@@ -192,20 +192,69 @@ def test_remat_matches_plain():
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
 
 
-def test_cast_conv_kernels_is_exact_in_bf16(name="base64"):
-    # StageSampler casts conv kernels once before its loop; the convs would cast them anyway, so the
-    # output must be bit-identical, and only the 4-D leaves may change dtype.
-    from imagen_jax.models import cast_conv_kernels
+def _random_inputs(cfg, batch=2, text_len=6, seed=0):
+    inputs = init_inputs(cfg, batch=batch, text_len=text_len)
+    rng = np.random.default_rng(seed)
+    return {k: (jnp.asarray(rng.normal(size=v.shape), v.dtype) if v.dtype != bool else v) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("name", ["base64", "sr256"])
+def test_cast_kernels_is_exact_in_bf16(name):
+    # StageSampler casts kernels once before its loop; the layers would cast them anyway, so the
+    # output must be bit-identical. Conv and dense kernels change dtype; the float32 noise-level
+    # MLPs, norms and biases do not.
+    from imagen_jax.models import cast_kernels
+    from imagen_jax.models.unet import FLOAT32_MODULES
 
     cfg = UNetConfig.from_dict({**stage_config(name).model.to_dict(), "dtype": "bfloat16"})
     model = UNet(cfg)
-    inputs = init_inputs(cfg, batch=2, text_len=6)
-    params = _perturb_params(model.init(jax.random.PRNGKey(0), **inputs)["params"])
-    rng = np.random.default_rng(0)
-    inputs = {k: (jnp.asarray(rng.normal(size=v.shape), v.dtype) if v.dtype != bool else v) for k, v in inputs.items()}
-    cast = cast_conv_kernels(cfg, params)
-    kinds = {(p.ndim, c.dtype.name) for p, c in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(cast))}
-    assert (4, "bfloat16") in kinds and all(d == "float32" for n, d in kinds if n != 4)
+    params = _perturb_params(model.init(jax.random.PRNGKey(0), **init_inputs(cfg, batch=2, text_len=6))["params"])
+    inputs = _random_inputs(cfg)
+    cast = cast_kernels(cfg, params)
+    flat = jax.tree_util.tree_flatten_with_path(cast)[0]
+    dtypes = {tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey)): leaf.dtype.name for path, leaf in flat}
+    assert {d for p, d in dtypes.items() if p[-1] == "kernel" and not set(p) & set(FLOAT32_MODULES)} == {"bfloat16"}
+    assert {d for p, d in dtypes.items() if p[-1] != "kernel" or set(p) & set(FLOAT32_MODULES)} == {"float32"}
+    assert any(p[-2] == "qkv" for p in dtypes) and any(p[-2] == "conv_in" for p in dtypes)
     a = model.apply({"params": params}, **inputs)
     b = model.apply({"params": cast}, **inputs)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("name,remat", [("base64", False), ("base64", True), ("sr256", False)])
+def test_text_cache_replaces_the_text_projections(name, remat):
+    # The sampler computes the text's projections once (at the smallest image size) and passes them
+    # back at every step: the output must equal the uncached call's, and the cached call must not
+    # read the text at all (zeros in its place give the same output).
+    from imagen_jax.models import text_cache
+
+    cfg = UNetConfig.from_dict({**stage_config(name).model.to_dict(), "remat": remat,
+                                "cross_attn_levels": stage_config(name).model.attn_levels})
+    model = UNet(cfg)
+    params = _perturb_params(model.init(jax.random.PRNGKey(0), **init_inputs(cfg, batch=2, text_len=6))["params"])
+    inputs = _random_inputs(cfg, seed=1)
+    inputs["text_mask"] = jnp.asarray([[True] * 4 + [False] * 2, [True] * 6])
+    cache = text_cache(model, params, inputs["text"], inputs["text_mask"])
+    names = {getattr(k, "key", None) for p, _ in jax.tree_util.tree_flatten_with_path(cache)[0] for k in p}
+    assert "pooled" in names and "kv" in names
+    ref = model.apply({"params": params}, **inputs)
+    blank = {**inputs, "text": jnp.zeros_like(inputs["text"])}
+    out = model.apply({"params": params, "text_cache": cache}, **blank)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(model.apply({"params": params}, **blank)) - np.asarray(ref)).max() > 1e-3
+
+
+@pytest.mark.parametrize("padding", ["SAME", ((1, 1), (1, 1))])
+def test_rgb_conv_as_matmul_is_the_convolution(padding, monkeypatch):
+    # On a GPU in 16 bits the RGB input conv runs as patches x kernel (layers._as_matmul); here the
+    # same path is forced on the CPU in float32 and compared with the cuDNN-path convolution.
+    from imagen_jax.models import layers
+
+    conv = layers.Conv(16, 3, padding=padding)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 12, 3)), jnp.float32)
+    params = _perturb_params(conv.init(jax.random.PRNGKey(0), x))
+    ref = conv.apply(params, x)
+    monkeypatch.setattr(layers, "_as_matmul", lambda *a: True)
+    out = conv.apply(params, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(conv.apply)(params, x))  # the matmul path ran

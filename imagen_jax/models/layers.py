@@ -21,6 +21,24 @@ def _part(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
+TEXT_CACHE = "text_cache"
+
+
+def text_cached(module, name, compute):
+    """The value of `compute()`, a projection of the text alone, read from the "text_cache"
+    collection when the caller supplies one, and stored there when the collection is mutable.
+
+    Within one sampling run the text is the same at every step, so a sampler computes these once
+    (models.unet.text_cache) instead of at every U-Net call: XLA on the H200 did not hoist the
+    loop-invariant projections out of the sampling loop (as with the conv kernels' casts)."""
+    if module.has_variable(TEXT_CACHE, name):
+        return module.get_variable(TEXT_CACHE, name)
+    value = compute()
+    if module.is_mutable_collection(TEXT_CACHE):
+        module.put_variable(TEXT_CACHE, name, value)
+    return value
+
+
 def constrain(x):
     """Logical sharding constraint at block boundaries (a no-op without axis rules in scope)."""
     return nn.with_logical_constraint(x, ACT_AXES)
@@ -53,9 +71,35 @@ class Conv(nn.Module):
         w = self.param("kernel", _part(init, ("conv_out", None, None, "conv_in")),
                        (self.features, k, k, x.shape[-1]), self.param_dtype)
         b = self.param("bias", _part(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), self.param_dtype)
-        y = jax.lax.conv_general_dilated(x.astype(self.dtype), w.astype(self.dtype), (self.stride, self.stride),
-                                         self.padding, dimension_numbers=("NHWC", "OHWI", "NHWC"))
+        x, w = x.astype(self.dtype), w.astype(self.dtype)
+        if _as_matmul(x.shape[-1], k, self.stride, self.padding, self.dtype):
+            y = _same_conv_as_matmul(x, w)
+        else:
+            y = jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), self.padding,
+                                             dimension_numbers=("NHWC", "OHWI", "NHWC"))
         return y + b.astype(self.dtype)
+
+
+def _as_matmul(c_in, k, stride, padding, dtype):
+    """Whether a conv runs as patches x kernel matrix (a GEMM with k*k*c_in inputs) instead of a cuDNN
+    convolution: only a stride-1 "same" conv with fewer than 8 input channels (the U-Nets' RGB input
+    conv), in 16 bits, on a GPU. cuDNN runs that one on a slow sm80 "indexed" kernel (H200, base64
+    paper sampling at batch 32: 1.7 ms a call for 3.6 GFLOP, over 4% of a sampling step; XLA's own
+    channel padding to 8 does not change the choice)."""
+    p = (k - 1) // 2
+    same = padding == "SAME" or padding == ((p, p), (p, p))
+    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and stride == 1 and k % 2 == 1 and same and c_in < 8)
+
+
+def _same_conv_as_matmul(x, w):
+    """The stride-1 "same" convolution of NHWC x with an OHWI kernel as one matmul over 3x3 (k x k) patches."""
+    _, hgt, wid, _ = x.shape
+    out, k = w.shape[0], w.shape[1]
+    p = (k - 1) // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    patches = jnp.concatenate([xp[:, dy:dy + hgt, dx:dx + wid] for dy in range(k) for dx in range(k)], axis=-1)
+    return jnp.einsum("bhwk,ok->bhwo", patches, w.reshape(out, -1))
 
 
 def conv(features, kernel=3, stride=1, dtype=jnp.float32, zero=False, name=None):
@@ -196,8 +240,9 @@ class AttentionBlock(nn.Module):
             values.append(jnp.broadcast_to(null[1].astype(self.dtype), (b, 1, inner)))
             masks.append(jnp.ones((b, 1), bool))
         if self.mode in ("self_text", "cross"):
-            t = layer_norm(self.dtype, name="text_norm")(text)
-            tk, tv = jnp.split(dense(2 * inner, "text_embed", "heads", dtype=self.dtype, name="text_kv")(t), 2, axis=-1)
+            tk, tv = text_cached(self, "kv", lambda: tuple(jnp.split(dense(
+                2 * inner, "text_embed", "heads", dtype=self.dtype, name="text_kv")(
+                layer_norm(self.dtype, name="text_norm")(text)), 2, axis=-1)))
             keys.append(tk)
             values.append(tv)
             masks.append(text_mask.astype(bool))
@@ -219,16 +264,18 @@ class TextPooling(nn.Module):
 
     @nn.compact
     def __call__(self, text, mask):
-        t = dense(self.features, "text_embed", "cond", dtype=self.dtype, name="proj")(
-            layer_norm(self.dtype, name="in_norm")(text))
-        query = self.param("query", _part(nn.initializers.normal(0.02), ("cond",)), (self.features,))
-        logits = jnp.einsum("bld,d->bl", t.astype(jnp.float32), query) / math.sqrt(self.features)
-        mask = mask.astype(bool)
-        logits = jnp.where(mask, logits, -1e9)
-        weights = jax.nn.softmax(logits, axis=-1) * mask
-        pooled = jnp.einsum("bl,bld->bd", weights, t.astype(jnp.float32))
-        pooled = layer_norm(jnp.float32, name="out_norm")(pooled)
-        return jnp.where(jnp.any(mask, axis=-1, keepdims=True), pooled, 0.0)
+        def pool():
+            t = dense(self.features, "text_embed", "cond", dtype=self.dtype, name="proj")(
+                layer_norm(self.dtype, name="in_norm")(text))
+            query = self.param("query", _part(nn.initializers.normal(0.02), ("cond",)), (self.features,))
+            logits = jnp.einsum("bld,d->bl", t.astype(jnp.float32), query) / math.sqrt(self.features)
+            valid = mask.astype(bool)
+            weights = jax.nn.softmax(jnp.where(valid, logits, -1e9), axis=-1) * valid
+            pooled = jnp.einsum("bl,bld->bd", weights, t.astype(jnp.float32))
+            pooled = layer_norm(jnp.float32, name="out_norm")(pooled)
+            return jnp.where(jnp.any(valid, axis=-1, keepdims=True), pooled, 0.0)
+
+        return text_cached(self, "pooled", pool)
 
 
 def downsample(x, features, dtype, name):
