@@ -242,18 +242,3 @@ def test_text_cache_replaces_the_text_projections(name, remat):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
     assert np.abs(np.asarray(model.apply({"params": params}, **blank)) - np.asarray(ref)).max() > 1e-3
 
-
-@pytest.mark.parametrize("padding", ["SAME", ((1, 1), (1, 1))])
-def test_rgb_conv_as_matmul_is_the_convolution(padding, monkeypatch):
-    # On a GPU in 16 bits the RGB input conv runs as patches x kernel (layers._as_matmul); here the
-    # same path is forced on the CPU in float32 and compared with the cuDNN-path convolution.
-    from imagen_jax.models import layers
-
-    conv = layers.Conv(16, 3, padding=padding)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 12, 3)), jnp.float32)
-    params = _perturb_params(conv.init(jax.random.PRNGKey(0), x))
-    ref = conv.apply(params, x)
-    monkeypatch.setattr(layers, "_as_matmul", lambda *a: True)
-    out = conv.apply(params, x)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    assert "conv_general_dilated" not in str(jax.make_jaxpr(conv.apply)(params, x))  # the matmul path ran

@@ -71,35 +71,9 @@ class Conv(nn.Module):
         w = self.param("kernel", _part(init, ("conv_out", None, None, "conv_in")),
                        (self.features, k, k, x.shape[-1]), self.param_dtype)
         b = self.param("bias", _part(nn.initializers.zeros_init(), ("conv_out",)), (self.features,), self.param_dtype)
-        x, w = x.astype(self.dtype), w.astype(self.dtype)
-        if _as_matmul(x.shape[-1], k, self.stride, self.padding, self.dtype):
-            y = _same_conv_as_matmul(x, w)
-        else:
-            y = jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), self.padding,
-                                             dimension_numbers=("NHWC", "OHWI", "NHWC"))
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), w.astype(self.dtype), (self.stride, self.stride),
+                                         self.padding, dimension_numbers=("NHWC", "OHWI", "NHWC"))
         return y + b.astype(self.dtype)
-
-
-def _as_matmul(c_in, k, stride, padding, dtype):
-    """Whether a conv runs as patches x kernel matrix (a GEMM with k*k*c_in inputs) instead of a cuDNN
-    convolution: only a stride-1 "same" conv with fewer than 8 input channels (the U-Nets' RGB input
-    conv), in 16 bits, on a GPU. cuDNN runs that one on a slow sm80 "indexed" kernel (H200, base64
-    paper sampling at batch 32: 1.7 ms a call for 3.6 GFLOP, over 4% of a sampling step; XLA's own
-    channel padding to 8 does not change the choice)."""
-    p = (k - 1) // 2
-    same = padding == "SAME" or padding == ((p, p), (p, p))
-    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and stride == 1 and k % 2 == 1 and same and c_in < 8)
-
-
-def _same_conv_as_matmul(x, w):
-    """The stride-1 "same" convolution of NHWC x with an OHWI kernel as one matmul over 3x3 (k x k) patches."""
-    _, hgt, wid, _ = x.shape
-    out, k = w.shape[0], w.shape[1]
-    p = (k - 1) // 2
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    patches = jnp.concatenate([xp[:, dy:dy + hgt, dx:dx + wid] for dy in range(k) for dx in range(k)], axis=-1)
-    return jnp.einsum("bhwk,ok->bhwo", patches, w.reshape(out, -1))
 
 
 def conv(features, kernel=3, stride=1, dtype=jnp.float32, zero=False, name=None):
