@@ -230,7 +230,9 @@ def test_text_cache_replaces_the_text_projections(name, remat):
     cfg = UNetConfig.from_dict({**stage_config(name).model.to_dict(), "remat": remat,
                                 "cross_attn_levels": stage_config(name).model.attn_levels})
     model = UNet(cfg)
-    params = _perturb_params(model.init(jax.random.PRNGKey(0), **init_inputs(cfg, batch=2, text_len=6))["params"])
+    variables = model.init(jax.random.PRNGKey(0), **init_inputs(cfg, batch=2, text_len=6))
+    assert set(variables) == {"params"}  # init must not leave a cache of its dummy text behind
+    params = _perturb_params(variables["params"])
     inputs = _random_inputs(cfg, seed=1)
     inputs["text_mask"] = jnp.asarray([[True] * 4 + [False] * 2, [True] * 6])
     cache = text_cache(model, params, inputs["text"], inputs["text_mask"])

@@ -34,7 +34,7 @@ def text_cached(module, name, compute):
     if module.has_variable(TEXT_CACHE, name):
         return module.get_variable(TEXT_CACHE, name)
     value = compute()
-    if module.is_mutable_collection(TEXT_CACHE):
+    if module.is_mutable_collection(TEXT_CACHE) and not module.is_initializing():  # init returns params only
         module.put_variable(TEXT_CACHE, name, value)
     return value
 
