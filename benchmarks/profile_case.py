@@ -164,6 +164,8 @@ def _sample_case(args):
     mask = jnp.asarray(host["text_mask"])
     lowres = jnp.asarray(host["lowres"]) if lowres_size else None
     rng = jax.random.PRNGKey(4)
+    if args.hlo_out:
+        _write_hlo(sampler.lower(text, mask, lowres, rng).compile(), args.hlo_out)
     return (lambda: sampler(text, mask, lowres, rng),
             f"sample {args.stage}:{args.variant} {args.sampler} {args.steps} steps batch {args.batch}")
 
@@ -185,7 +187,7 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--trace_dir", default="", help="keep the trace here (default: a temporary folder)")
     ap.add_argument("--json", default="", help="also write the summary here")
-    ap.add_argument("--hlo_out", default="", help="train: write the compiled step's optimised HLO here (.txt.gz)")
+    ap.add_argument("--hlo_out", default="", help="write the compiled train step's or sampler's optimised HLO here (.txt.gz)")
     args = ap.parse_args(argv)
 
     step, title = (_train_case if args.case == "train" else _sample_case)(args)

@@ -12,7 +12,7 @@ import numpy as np
 
 from imagen_jax import checkpoints, diffusion, parallel, paths
 from imagen_jax.diffusion import keys, schedules
-from imagen_jax.models import UNet, UNetConfig, cast_kernels, init_inputs, text_cache, upsample_lowres
+from imagen_jax.models import TEXT_CACHE, UNet, UNetConfig, cast_kernels, init_inputs, text_cache, upsample_lowres
 
 
 class CascadeError(ValueError):
@@ -171,12 +171,12 @@ class StageSampler:
 
         def model_fn(x, logsnr):
             with nn.logical_axis_rules(self.rules):
-                return self.model.apply({"params": params, "text_cache": cache}, x, logsnr, text2, mask2, **kw)
+                return self.model.apply({"params": params, TEXT_CACHE: cache}, x, logsnr, text2, mask2, **kw)
 
         def cond_fn(x, logsnr):  # the conditional half alone: guidance 1 skips the null-text pass
             half = {k: v[:b] for k, v in kw.items()}
             with nn.logical_axis_rules(self.rules):
-                return self.model.apply({"params": params, "text_cache": half_cache}, x, logsnr, text, mask, **half)
+                return self.model.apply({"params": params, TEXT_CACHE: half_cache}, x, logsnr, text, mask, **half)
 
         x_init = keys.normal(init_rng, (b, size, size, 3))
         return diffusion.sample_loop(diffusion.guided(model_fn, guidance, cond_fn), x_init, loop_rng,
@@ -184,13 +184,20 @@ class StageSampler:
                                      eta=s.eta, thresholding=s.thresholding, percentile=percentile,
                                      prediction=st.config.diffusion.prediction)
 
-    def __call__(self, text, mask, lowres, rng):
+    def _args(self, text, mask, lowres, rng):
         s = self.settings
         batch = lambda a: parallel.to_global(a, parallel.batch_sharding(self.mesh, np.ndim(a)))  # noqa: E731
         rep = lambda a: parallel.to_global(a, parallel.replicated(self.mesh))  # noqa: E731
         lowres = rep(jnp.zeros((), jnp.float32)) if lowres is None else batch(lowres)
-        return self._fn(self.stage.params, batch(text), batch(mask), lowres, rep(rng), jnp.float32(s.guidance),
-                        jnp.float32(s.aug_level), jnp.float32(s.percentile))
+        return (self.stage.params, batch(text), batch(mask), lowres, rep(rng), jnp.float32(s.guidance),
+                jnp.float32(s.aug_level), jnp.float32(s.percentile))
+
+    def __call__(self, text, mask, lowres, rng):
+        return self._fn(*self._args(text, mask, lowres, rng))
+
+    def lower(self, text, mask, lowres, rng):
+        """The jitted program lowered for these inputs (`.compile().as_text()`: the optimised HLO)."""
+        return self._fn.lower(*self._args(text, mask, lowres, rng))
 
 
 def pad_batch(x, multiple):
