@@ -45,7 +45,8 @@ def test_true_renders_score_one():
     assert s.right == {a: 1.0 for a in ss.ATTRIBUTES}, s.per_image
     assert s.all_right == 1.0
     assert s.counts == {a: len(items) for a in ss.ATTRIBUTES}
-    assert len(s.lines()) == 5 and "chance 14%" in s.lines()[0]
+    assert len(s.lines()) == 6 and "chance 14%" in s.lines()[0]
+    assert s.noise == 0.0 and "speckle" in s.lines()[-1]
 
 
 @pytest.mark.parametrize("key", ss.ATTRIBUTES)
@@ -61,7 +62,7 @@ def test_one_wrong_attribute_scores_zero_on_it_only(key):
 def test_blank_and_mismatched_inputs():
     blank = np.full((SIZE, SIZE, 3), 255, np.uint8)
     got = ss.read_image(blank)
-    assert got == dict(color=None, background="white", position=None, shape=None)
+    assert got == dict(color=None, background="white", position=None, shape=None, noise=0.0)
     with pytest.raises(ValueError, match="2 captions"):
         ss.score([blank], ["a red circle", "a blue star"])
     with pytest.raises(ValueError, match="uint8"):
@@ -90,3 +91,15 @@ def test_speckle_does_not_move_the_shape():
     got = ss.read_image(noisy)
     assert got["position"] == "left" and got["shape"] == attrs["shape"], (got, caption)
     np.testing.assert_array_equal(ss.shape_mask(ss.foreground(image)), ss.foreground(image))
+
+
+def test_background_noise_reads_the_speckle_level():
+    """Gaussian speckle of std 12 on a flat background reads as its mean absolute deviation,
+    12 * sqrt(2 / pi) = 9.57 (away from the clipping at 0 and 255: a gray background)."""
+    rng = np.random.default_rng(0)
+    items = [x for x in _items(40) if x[2]["background"] == "gray"][:4]
+    assert items
+    for image, _, _ in items:
+        noisy = np.clip(image + rng.normal(0.0, 12.0, image.shape), 0, 255).round().astype(np.uint8)
+        assert ss.background_noise(image) == 0.0
+        assert abs(ss.background_noise(noisy) - 12.0 * np.sqrt(2 / np.pi)) < 0.6
