@@ -10,18 +10,17 @@ Why 16 -> 64: a train step of the old 32x32 base cost 23 GFLOP at batch 16 (0.9 
 size are all decided at low resolution; the SR stage trains on 32x32 crops of 64x64 images (2.5 GFLOP a
 step at batch 32, 0.1 s) and samples at 64x64.
 
-Measured 2026-12-02 15:06 UTC on the 2-core "AMD EPYC" machine (AVX2, no AVX-512), shared with
-another engineer's jobs (1-minute load average 0.1-2.2, mean 1.5), `python -m imagen_jax.demo
---workdir=/tmp/demo_final2` in the working tree's venv: 473 s from start to scores (base 1000 steps
-360 s incl. the vocabulary and a ~25 s compile, SR 80 s, sampling 33 s; 477 s wall for the process);
-held-out prompts at 64x64 (16, imagen_jax/evaluation/shapes_score.py): colour 100% (chance 14%),
-background 100% (33%), position 94% (20%), shape 12% (17%), all four 12%. On 48 held-out prompts
-(same stages, seed 0): colour 94%, background 100%, position 90%, shape 21%.
-
-With the constant learning rate after warm-up (below; the runs above used cosine decay to 0), command 1
-in a fresh clone on a 2-core Intel Xeon with AVX-512 (2026-12-03, a CI run at nice 19 beside it): demo
-740 s, colour 94%, background 100%, position 81%, shape 19% (16 prompts); the same Xeon gave position 44%
-with cosine.
+Measured 2026-12-04 on the 2-core AMD EPYC (Zen 4, AVX-512), idle, README command 1 in a fresh clone
+and fresh venv: demo 453 s (base 307 s incl. a 22 s compile, SR 119 s, sampling 27 s), colour 94%
+(chance 14%), background 100% (33%), position 100% (20%), shape 19% (17%), speckle 4.4/255 on 16
+held-out prompts; rerun in the same workdir 30 s; with XLA_FLAGS=--xla_cpu_max_isa=AVX2 429 s,
+colour 81%, background 100%, position 81%, shape 25%, speckle 4.5/255. Training runs on one H200
+(float32, 48 held-out prompts at 64x64): colour 100/92/100%, background 100% in all, position
+100/60/83%, speckle 4.7/5.0/4.7 (seeds 0, 1, 2); seed 1's base retrained gave position 96% at
+guidance 3 (94% at 2, 96% at 5 and 7, speckle at 16x16 1.9/2.6/3.9/5.2 for guidance 2/3/5/7), so the
+spread is run to run (GPU reductions are not deterministic), not the seed. Earlier demos: 473 s on a
+2-core EPYC without AVX-512 (2026-12-02, cosine base schedule, 600 SR steps, shared machine); 740 s
+on a 2-core Intel Xeon with AVX-512 beside a CI run (2026-12-03).
 
 Position is learnt late: with the plain v-loss below, 600 base steps gave position 25% (48 prompts
 at 16x16, the base's mean x0 prediction at high noise in the prompt's region for 13-20% of prompts,
@@ -32,10 +31,11 @@ dropped: two coordinate channels concatenated to the U-Net input (colour 46%, po
 prompts at 16x16), the same plus learned position embeddings added before each attention layer
 (colour 25%, position 19%); both learnt slower (loss 0.30-0.36 at step 100 vs 0.14).
 
-Still unmet (issue 15): shape (reported only: at chance; the blobs are not recognisably shaped) and
-a speckle-free grid. The 16x16 base output has half the background speckle of before (border mean
+Still unmet (issue 15): shape (reported only: at chance; the blobs are not recognisably shaped).
+The speckle figures below are the older border measure (the 4-px border's mean absolute deviation),
+not `shapes_score.background_noise`. The 16x16 base output has half the background speckle of before (border mean
 absolute deviation 4.0/255 at 1000 steps, 4.9 at 600, vs 9.2/255 with min_snr_plus1; 48 prompts);
-the 64x64 output still carries fine-grained speckle from the SR stage (border MAD 12.4/255 at 64x64;
+with 600 SR steps the 64x64 output carried fine-grained speckle from the SR stage (border MAD 12.4/255 at 64x64;
 SR trained with the plain v-loss 14.7, 32 SR sampling steps 13.1, augmentation level 0 11.4, all
 with the 600-step base). On 2026-12-03 (Intel Xeon, AVX-512, under load; 48 prompts, border 4 px): this SR stage 8.94/255; the same with `model.efficient=False` (res blocks at every resolution, no shallow full-resolution path) 6.23/255 and a lower loss (0.016 vs 0.023), but 4x the training time (660 s vs 166 s) and 1.8x the sampling time, too slow for the 10-minute budget. The SR stage given ground-truth 16x16 inputs keeps colour, background and
 position at 100% of 64 prompts, shape 81%, in a GPU run of the same config. The base before (min_snr
