@@ -26,7 +26,8 @@ def run_inspect(name):
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the suite's CPU cache (conftest.py): no pod programs in it
     cmd = [sys.executable, "-m", "imagen_jax.inspect", f"--config=configs/pods.py:{name}",
            f"--topology={accelerator}", "--compile"]
-    # An hour: the 2B base steps took 24-40 min to compile on 2-core CI machines (README "Pod configurations").
+    # An hour: the 2B base steps took 16-24 min to compile on 2-core machines, and one did not finish in
+    # 30 min on a 2-core Intel Xeon (README "Pod configurations").
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
     return accelerator, r.stdout
