@@ -371,7 +371,6 @@ class IFPipeline:
         rng = jax.random.PRNGKey(seed)
         out, lowres = [], None
         for k in range(n):
-            st = self.stages[k]
             settings = IFSettings(sampler=sampler, steps=int(steps[k]), guidance=float(guidance[k]), eta=eta,
                                   noise_level=int(noise_level))
             lowres = self.sampler(k, settings, neg[:1])(emb, None, lowres, jax.random.fold_in(rng, k),

@@ -96,13 +96,15 @@ def dense(features, in_axis, out_axis, dtype=jnp.float32, zero=False, use_bias=T
 
 class GroupNorm(nn.Module):
     """Group normalisation of [B, ..., C] over all but the batch axis, with parameters "scale" and
-    "bias" [C]: nn.GroupNorm's function, parameters and statistics in float32, written so that XLA
-    reads the input in its own layout.
+    "bias" [C]: nn.GroupNorm's function, parameters and statistics in float32.
 
     nn.GroupNorm reduces the input reshaped to [B, ..., G, C/G] over the spatial and within-group
     axes at once; here each channel is first summed over the spatial axes (a reduction that keeps
-    the contiguous channel axis, which XLA's GPU emitter tiles well), and the G group sums come from
-    the [B, C] partials. The output is nn.GroupNorm's (x - mean) * rsqrt(var + eps) * scale + bias,
+    the contiguous channel axis), and the G group sums come from the [B, C] partials. On XLA's CPU
+    backend that is 1.7x faster forward and 1.14x forward + backward (GroupNorm + scale-shift + SiLU
+    at the base64 paper U-Net's shapes, batch 4, 2-core Xeon, `benchmarks/groupnorm.py`), which the
+    demo and the tests run on; on an H100 both forms take the same time (within 2%, BENCHMARKS.md
+    2026-12-08). The output is nn.GroupNorm's (x - mean) * rsqrt(var + eps) * scale + bias,
     so the two agree to float32 round-off (tests/test_unet.py). fast_variance=True is one read of
     the input for both moments (E[x^2] - E[x]^2, clipped at 0, as nn.GroupNorm's default);
     False subtracts the mean first (a second read), for inputs whose variance is tiny against their
