@@ -251,8 +251,10 @@ def _conv(features, kernel, dtype, param_dtype, name):
 def _group_norm(groups, eps, dtype, param_dtype, name):
     # Two-pass variance: over text with many identical pad rows a group's variance is tiny against its
     # mean square, and the one-pass E[x^2] - E[x]^2 loses most of its digits.
-    return layers.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                            fast_variance=False, name=name)
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                        use_fast_variance=False,
+                        scale_init=_part(nn.initializers.ones_init(), ("norm",)),
+                        bias_init=_part(nn.initializers.zeros_init(), ("norm",)), name=name)
 
 
 def _layer_norm(eps, dtype, param_dtype, name):

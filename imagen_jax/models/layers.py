@@ -94,61 +94,11 @@ def dense(features, in_axis, out_axis, dtype=jnp.float32, zero=False, use_bias=T
                     bias_init=_part(nn.initializers.zeros_init(), (out_axis,)), name=name)
 
 
-class GroupNorm(nn.Module):
-    """Group normalisation of [B, ..., C] over all but the batch axis, with parameters "scale" and
-    "bias" [C]: nn.GroupNorm's function, parameters and statistics in float32.
-
-    nn.GroupNorm reduces the input reshaped to [B, ..., G, C/G] over the spatial and within-group
-    axes at once; here each channel is first summed over the spatial axes (a reduction that keeps
-    the contiguous channel axis), and the G group sums come from the [B, C] partials. On XLA's CPU
-    backend that is 1.7x faster forward and 1.14x forward + backward (GroupNorm + scale-shift + SiLU
-    at the base64 paper U-Net's shapes, batch 4, 2-core Xeon, `benchmarks/groupnorm.py`), which the
-    demo and the tests run on; on an H100 both forms take the same time (within 2%, BENCHMARKS.md
-    2026-12-08). The output is nn.GroupNorm's (x - mean) * rsqrt(var + eps) * scale + bias,
-    so the two agree to float32 round-off (tests/test_unet.py). fast_variance=True is one read of
-    the input for both moments (E[x^2] - E[x]^2, clipped at 0, as nn.GroupNorm's default);
-    False subtracts the mean first (a second read), for inputs whose variance is tiny against their
-    mean square.
-    """
-
-    num_groups: int = 32
-    epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    use_scale: bool = True
-    use_bias: bool = True
-    fast_variance: bool = True
-
-    @nn.compact
-    def __call__(self, x):
-        c, g = x.shape[-1], self.num_groups
-        if g <= 0 or c % g:
-            raise ValueError(f"GroupNorm: {g} groups do not divide {c} channels")
-        axes = tuple(range(1, x.ndim - 1))
-        count = math.prod(x.shape[1:-1]) * (c // g)
-        xf = x.astype(jnp.float32)
-
-        def group_mean(v):  # [B, ..., C] -> [B, C]: the mean of each channel's group, repeated per channel
-            sums = jnp.sum(v, axis=axes).reshape(x.shape[0], g, c // g).sum(-1) / count
-            return jnp.repeat(sums, c // g, axis=-1)
-
-        mean = group_mean(xf)
-        expand = lambda v: v.reshape(x.shape[:1] + (1,) * len(axes) + (c,))  # noqa: E731
-        if self.fast_variance:
-            var = jnp.maximum(group_mean(jnp.square(xf)) - jnp.square(mean), 0.0)
-        else:
-            var = group_mean(jnp.square(xf - expand(mean)))
-        mul = jax.lax.rsqrt(var + self.epsilon)
-        if self.use_scale:
-            mul = mul * self.param("scale", _part(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
-        y = (x - expand(mean)) * expand(mul)
-        if self.use_bias:
-            y = y + self.param("bias", _part(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype)
-        return y.astype(self.dtype)
-
-
 def group_norm(num_groups, dtype, name=None, use_scale=True, use_bias=True):
-    return GroupNorm(num_groups=num_groups, dtype=dtype, use_scale=use_scale, use_bias=use_bias, name=name)
+    return nn.GroupNorm(num_groups=num_groups, epsilon=1e-5, dtype=dtype, use_scale=use_scale,
+                        use_bias=use_bias,
+                        scale_init=_part(nn.initializers.ones_init(), ("norm",)),
+                        bias_init=_part(nn.initializers.zeros_init(), ("norm",)), name=name)
 
 
 def layer_norm(dtype, name=None):
