@@ -2,7 +2,7 @@
 use) against a per-channel reduction form of the same function, at the shapes one sampler step
 (U-Net batch 32) and one training step (batch 64) meet (issue #18).
 
-    python benchmarks/groupnorm.py --out gn.json          # on the GPU, ~1 min
+    python benchmarks/groupnorm.py --chain 10 --iters 3 --out gn.json   # on the GPU: ~2.5 min on an H100
     JAX_PLATFORMS=cpu python benchmarks/groupnorm.py --batches 2 --chain 2 --iters 2   # smoke run
 
 The candidate ("chan") sums each channel over the spatial axes first and takes the group sums
@@ -21,15 +21,16 @@ beat that bound.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from benchmarks.timing import measure  # noqa: E402
+
 
 class PerChannelGroupNorm(nn.Module):
     """nn.GroupNorm's function (one-pass variance, float32 statistics, parameters "scale" and "bias")
@@ -94,14 +95,11 @@ def time_case(impl, b, h, c, chain, iters, dtype):
     out = {}
     nbytes = x.size * jnp.dtype(dtype).itemsize
     for name, fn, passes in (("fwd", fwd, 3), ("fwd_bwd", bwd, 9)):
-        jax.block_until_ready(fn(x))
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            y = jax.block_until_ready(fn(x))
-            ts.append((time.perf_counter() - t0) / chain)
+        y = jax.block_until_ready(fn(x))  # compiles
         assert bool(jnp.isfinite(y.astype(jnp.float32)).all()), f"{impl} {name} chain is not finite"
-        s = statistics.median(ts)
+        r = measure(lambda: fn(x), jax.block_until_ready, warmup=0, iters=iters, budget_s=float("inf"),
+                    log=lambda *a, **k: None)
+        s = r["median_s"] / chain
         out[name] = {"ms": s * 1e3, "bound_GBps": passes * nbytes / s / 1e9}
     return out
 
@@ -115,14 +113,16 @@ def main():
     a = p.parse_args()
     dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
     x = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 64)) + 1.5  # the two must agree first
-    p = nn.GroupNorm(num_groups=32).init(jax.random.PRNGKey(1), x)
-    diff = float(jnp.max(jnp.abs(PerChannelGroupNorm().apply(p, x) - nn.GroupNorm(num_groups=32).apply(p, x))))
+    params = nn.GroupNorm(num_groups=32).init(jax.random.PRNGKey(1), x)
+    ref = nn.GroupNorm(num_groups=32).apply(params, x)
+    diff = float(jnp.max(jnp.abs(PerChannelGroupNorm().apply(params, x) - ref)))
     assert diff < 1e-4, f"the per-channel form differs from nn.GroupNorm by {diff}"
     rows = []
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {jnp.dtype(dtype).name}")
     print(f"{'shape':>22s} {'flax fwd':>9s} {'chan fwd':>9s} {'flax f+b':>9s} {'chan f+b':>9s}  (ms; GB/s)")
     tot = {}
-    for b in [int(v) for v in a.batches.split(",")]:
+    batches = [int(v) for v in a.batches.split(",")]
+    for b in batches:
         for h, c in SHAPES:
             r = {"shape": [b, h, h, c]}
             for impl in ("flax", "chan"):
@@ -133,7 +133,7 @@ def main():
             cell = lambda impl, n: f"{r[impl][n]['ms']:.3f}/{r[impl][n]['bound_GBps']:.0f}"  # noqa: E731
             print(f"{str(tuple(r['shape'])):>22s} {cell('flax', 'fwd'):>9s} {cell('chan', 'fwd'):>9s} "
                   f"{cell('flax', 'fwd_bwd'):>9s} {cell('chan', 'fwd_bwd'):>9s}", flush=True)
-    for b in [int(v) for v in a.batches.split(",")]:
+    for b in batches:
         print(f"batch {b} sum of the shapes above: fwd flax {tot[(b, 'flax', 'fwd')]:.3f} ms, chan "
               f"{tot[(b, 'chan', 'fwd')]:.3f} ms; fwd+bwd flax {tot[(b, 'flax', 'fwd_bwd')]:.3f}, chan "
               f"{tot[(b, 'chan', 'fwd_bwd')]:.3f}")
