@@ -5,13 +5,17 @@ XLA's CPU backend assigns the same buffers with and without remat (measured on t
 step: 314,288,272 bytes for none and dots_saveable, 314,321,040 for nothing_saveable at batch 64),
 so the choice logic is tested with each candidate's compiled size replaced by a known figure, and
 one real compile checks the figure, the chosen Trainer and its precompiled step end to end."""
+import logging
+
 import jax
 import numpy as np
 import pytest
 
 from imagen_jax import parallel, training
+from imagen_jax.training import loop as train_lib
 from imagen_jax.training import remat as remat_lib
-from tests.stage_utils import tiny_config
+from imagen_jax.training import step as step_lib
+from tests.stage_utils import shapes_vocab, tiny_config
 
 BATCH = 4
 MiB = 2 ** 20
@@ -81,8 +85,9 @@ def test_nothing_fits_raises_microbatches(mesh, fake_compile):
 
 def test_unfittable_keeps_the_leanest_tried(mesh, fake_compile):
     t = training.Trainer(auto_config(1), mesh)  # batch 4: at most 4 microbatches
-    assert t.remat_report["tried"][-1] == {"policy": "nothing_saveable", "microbatches": 4,
-                                           "bytes": FAKE["nothing_saveable"] // 4}
+    last = dict(t.remat_report["tried"][-1])
+    assert last.pop("compile_s") >= 0
+    assert last == {"policy": "nothing_saveable", "microbatches": 4, "bytes": FAKE["nothing_saveable"] // 4}
     assert t.microbatches == 4 and t.model_cfg.remat_policy == "nothing_saveable"
 
 
@@ -99,8 +104,52 @@ def test_real_compile_and_precompiled_step(mesh):
              "text": rng.normal(size=(BATCH, 16, text_dim)).astype(np.float32),
              "text_mask": np.ones((BATCH, 16), bool)}
     batch = {k: jax.device_put(v, t.batch_shardings[k]) for k, v in batch.items()}
-    state, metrics = t.step(state, batch, jax.random.PRNGKey(1))
+    rng_key = jax.random.PRNGKey(1)
+    # The training loop takes the executable the choice compiled, not a second compile of it ...
+    exe, seconds, reused = step_lib.executable(t, state, batch, rng_key)
+    assert reused and exe is t.step.compiled and seconds == rep["compile_s"] > 0
+    # ... but only for the arguments it was compiled for: another batch size or sharding compiles.
+    half = {k: jax.device_put(np.asarray(v)[:BATCH // 2], t.batch_shardings[k]) for k, v in batch.items()}
+    assert not t.step.accepts(state, half, rng_key)
+    other = jax.sharding.SingleDeviceSharding(jax.devices()[1])
+    assert not t.step.accepts(state, {k: jax.device_put(v, other) for k, v in batch.items()}, rng_key)
+    state, metrics = t.step(state, batch, rng_key)
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+class _Lowerings(logging.Handler):
+    """Counts the lowerings of the train step that jax logs under jax.log_compiles()."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record):
+        if record.getMessage().startswith("Compiling jit(_train_step)"):
+            self.count += 1
+
+
+def test_training_loop_compiles_the_auto_step_once(tmp_path, capsys):
+    # Before this was fixed the loop compiled the chosen policy's step a second time: for the base64
+    # paper step on one GPU, ~4 more minutes before the first step whenever no persistent
+    # compilation cache was configured. 8 devices: the reused executable is sharded over the mesh.
+    c = auto_config(2 ** 40)
+    c.train.update(num_steps=2, log_every=1, ckpt_every=2, batch_size=8)
+    c.text.vocab = shapes_vocab(tmp_path)
+    counter = _Lowerings()
+    logger = logging.getLogger("jax")
+    logger.addHandler(counter)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            metrics, state = train_lib.train(c, str(tmp_path / "workdir"))
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(level)
+    assert counter.count == 1, f"the train step was lowered {counter.count} times"
+    assert "(while remat=auto chose its policy; not compiled again)" in capsys.readouterr().out
+    assert int(state.step) == 2 and np.isfinite(metrics["loss"]) and metrics.get("compile_s") is None
 
 
 def test_remat_setting_strings():

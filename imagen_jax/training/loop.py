@@ -307,10 +307,9 @@ def train(config, workdir, stop_after=0):
                 local["lowres"] = host["lowres"]
             batch = parallel.host_local_batch_to_global(local, mesh)
             if compiled is None:
-                t0 = time.time()
-                compiled = trainer.step.lower(state, batch, rng).compile()
-                compile_s = time.time() - t0
-                print(f"compiled the train step in {compile_s:.1f}s", flush=True)
+                compiled, compile_s, reused = step_lib.executable(trainer, state, batch, rng)
+                print(f"compiled the train step in {compile_s:.1f}s"
+                      + (" (while remat=auto chose its policy; not compiled again)" if reused else ""), flush=True)
                 if peak:
                     flops = step_lib.model_flops(config, global_batch) / jax.device_count()
                 last_t = time.time()  # throughput and MFU count running time only

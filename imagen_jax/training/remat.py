@@ -5,9 +5,11 @@ Remat trades compute for memory: on a TPU pod chip (16-32 GiB) the paper models 
 training step for each policy, cheapest first (none -> dots_saveable -> nothing_saveable), reads
 the compiled per-device memory (arguments + outputs - donated + temporaries) and keeps the first
 that leaves `train.remat_margin` (default 10%) of the device's memory free. The compiled step of the choice is
-kept, so choosing costs the compiles of the policies that did not fit, not one more.
+kept (and `step.executable` hands it to the training loop), so choosing costs the compiles of the
+policies that did not fit, not one more.
 """
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +84,8 @@ def choose(config, mesh, make_trainer, log=logging.info):
     """Picks the policy for `config` (whose model.remat is "auto").
 
     make_trainer(config) -> Trainer for a config with a concrete policy. Returns (trainer of the
-    choice, its compiled step or None, report: list of {policy, bytes} tried, and the limit)."""
+    choice, its compiled step or None, report: {policy, microbatches, bytes, compile_s} of each
+    tried, the limit, and the choice with its compile_s)."""
     batch = int(config.train.batch_size)
     margin = float(config.train.get("remat_margin", 0.1))
     limit, source = device_memory_bytes(config, mesh)
@@ -109,6 +112,7 @@ def choose(config, mesh, make_trainer, log=logging.info):
         cfg = with_policy(config, remat, policy)
         cfg.train.microbatches = micro
         trainer = make_trainer(cfg)
+        t0 = time.perf_counter()
         try:
             compiled = compile_step(trainer, batch)
             need = step_bytes(compiled)
@@ -116,16 +120,17 @@ def choose(config, mesh, make_trainer, log=logging.info):
             if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
                 raise
             compiled, need = None, None
-        tried.append({"policy": name, "microbatches": micro, "bytes": need})
+        seconds = time.perf_counter() - t0
+        tried.append({"policy": name, "microbatches": micro, "bytes": need, "compile_s": seconds})
         fits = need is not None and need <= budget
         log(f"remat=auto: policy {name}, microbatches {micro}: "
             + (f"{need / 2**30:.2f} GiB" if need is not None else "out of memory")
             + f" per device of {budget / 2**30:.2f} GiB usable ({limit / 2**30:.2f} GiB from {source}, "
-            f"margin {margin:.0%}): " + ("fits" if fits else "does not fit"))
+            f"margin {margin:.0%}): " + ("fits" if fits else "does not fit") + f" (compiled in {seconds:.1f}s)")
         last = (trainer, compiled)
         if fits:
             return trainer, compiled, {"limit": limit, "budget": budget, "tried": tried, "chosen": name,
-                                       "microbatches": micro}
+                                       "microbatches": micro, "compile_s": seconds}
     log(f"remat=auto: nothing fits at batch {batch}; keeping the leanest setting tried")
     return last[0], last[1], {"limit": limit, "budget": budget, "tried": tried, "chosen": tried[-1]["policy"],
-                              "microbatches": tried[-1]["microbatches"]}
+                              "microbatches": tried[-1]["microbatches"], "compile_s": tried[-1]["compile_s"]}

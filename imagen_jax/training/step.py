@@ -3,6 +3,7 @@ EMA, noise conditioning augmentation, classifier-free-guidance dropout, and the 
 all of it on a device mesh. `imagen_jax.train` (the loop) and `imagen_jax.inspect` (ahead-of-time
 compilation) both use this module."""
 import dataclasses
+import time
 from typing import Any
 
 import flax
@@ -143,6 +144,41 @@ class _PrecompiledStep:
 
     def lower(self, *args, **kwargs):
         return self.jitted.lower(*args, **kwargs)
+
+    def accepts(self, *args):
+        """True when the precompiled executable was compiled for exactly these arguments: the same
+        tree, shapes, dtypes and shardings (so calling it needs no other program). Uncommitted
+        arrays (a PRNG key made without a device) and host arrays go where the executable wants
+        them, so only their shapes and dtypes count."""
+        c = self.compiled
+        if jax.tree_util.tree_structure((args, {})) != c.in_tree:
+            return False
+        leaves = jax.tree_util.tree_leaves(args)
+        infos = jax.tree_util.tree_leaves(c.args_info[0])
+        shardings = jax.tree_util.tree_leaves(c.input_shardings[0])
+        if not len(leaves) == len(infos) == len(shardings):
+            return False
+        for x, info, sharding in zip(leaves, infos, shardings):
+            if tuple(x.shape) != tuple(info.shape) or x.dtype != info.dtype:
+                return False
+            if getattr(x, "committed", False) and not x.sharding.is_equivalent_to(sharding, len(x.shape)):
+                return False
+        return True
+
+
+def executable(trainer, state, batch, rng):
+    """(compiled train step for these arguments, seconds its compile took, whether it was reused).
+
+    Under model.remat="auto" the Trainer compiled the step while choosing its policy; that
+    executable is reused when it was compiled for exactly these arguments, instead of compiling
+    the same program again (for the base64 paper step on one GPU that second compile took as long
+    as the first, ~4 minutes, whenever no persistent compilation cache was set)."""
+    step = trainer.step
+    if isinstance(step, _PrecompiledStep) and step.accepts(state, batch, rng):
+        return step.compiled, float(trainer.remat_report.get("compile_s", 0.0)), True
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, rng).compile()
+    return compiled, time.perf_counter() - t0, False
 
 
 @dataclasses.dataclass
