@@ -1,6 +1,7 @@
 """Cascade sampling: T5 embeddings -> base stage -> super-resolution stages, one jitted sampling
 program per stage, data-parallel over the mesh. The one sampler path used by training previews,
 `imagen_jax.sample`, FID evaluation and the demo."""
+import copy
 import dataclasses
 import time
 from typing import Any
@@ -194,6 +195,14 @@ class StageSampler:
 
     def __call__(self, text, mask, lowres, rng):
         return self._fn(*self._args(text, mask, lowres, rng))
+
+    def with_params(self, params, step=None):
+        """This sampler for other parameters of the same shapes and shardings (a training run's
+        EMA parameters at each preview), sharing the jitted program: no second compile."""
+        other = copy.copy(self)
+        other.stage = dataclasses.replace(self.stage, params=params,
+                                          step=self.stage.step if step is None else step)
+        return other
 
     def lower(self, text, mask, lowres, rng):
         """The jitted program lowered for these inputs (`.compile().as_text()`: the optimised HLO)."""

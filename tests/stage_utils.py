@@ -1,5 +1,7 @@
 """Test helpers: tiny stage workdirs with random parameters, without running the data pipeline."""
+import contextlib
 import importlib
+import logging
 
 import jax
 import numpy as np
@@ -92,3 +94,29 @@ class CompileCounter:
 
     def __exit__(self, *exc):
         self.active = False
+
+
+@contextlib.contextmanager
+def count_lowerings(fun_name):
+    """Counts, inside the block, how often jax lowers the jitted function `fun_name` for
+    compilation ("Compiling jit(NAME) ..." under jax.log_compiles): a lowering happens for every
+    compile, and for every persistent-cache hit too, so the count says how often the in-memory jit
+    cache missed, whatever the persistent cache holds. Yields a dict whose "count" is updated."""
+    prefix = f"Compiling jit({fun_name})"
+    seen = {"count": 0}
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith(prefix):
+                seen["count"] += 1
+
+    handler, logger = Handler(logging.DEBUG), logging.getLogger("jax")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

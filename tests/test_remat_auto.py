@@ -5,8 +5,6 @@ XLA's CPU backend assigns the same buffers with and without remat (measured on t
 step: 314,288,272 bytes for none and dots_saveable, 314,321,040 for nothing_saveable at batch 64),
 so the choice logic is tested with each candidate's compiled size replaced by a known figure, and
 one real compile checks the figure, the chosen Trainer and its precompiled step end to end."""
-import logging
-
 import jax
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from imagen_jax import parallel, training
 from imagen_jax.training import loop as train_lib
 from imagen_jax.training import remat as remat_lib
 from imagen_jax.training import step as step_lib
-from tests.stage_utils import shapes_vocab, tiny_config
+from tests.stage_utils import count_lowerings, shapes_vocab, tiny_config
 
 BATCH = 4
 MiB = 2 ** 20
@@ -117,18 +115,6 @@ def test_real_compile_and_precompiled_step(mesh):
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
 
 
-class _Lowerings(logging.Handler):
-    """Counts the lowerings of the train step that jax logs under jax.log_compiles()."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record):
-        if record.getMessage().startswith("Compiling jit(_train_step)"):
-            self.count += 1
-
-
 def test_training_loop_compiles_the_auto_step_once(tmp_path, capsys):
     # Before this was fixed the loop compiled the chosen policy's step a second time: for the base64
     # paper step on one GPU, ~4 more minutes before the first step whenever no persistent
@@ -136,18 +122,9 @@ def test_training_loop_compiles_the_auto_step_once(tmp_path, capsys):
     c = auto_config(2 ** 40)
     c.train.update(num_steps=2, log_every=1, ckpt_every=2, batch_size=8)
     c.text.vocab = shapes_vocab(tmp_path)
-    counter = _Lowerings()
-    logger = logging.getLogger("jax")
-    logger.addHandler(counter)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            metrics, state = train_lib.train(c, str(tmp_path / "workdir"))
-    finally:
-        logger.removeHandler(counter)
-        logger.setLevel(level)
-    assert counter.count == 1, f"the train step was lowered {counter.count} times"
+    with count_lowerings("_train_step") as lowered:
+        metrics, state = train_lib.train(c, str(tmp_path / "workdir"))
+    assert lowered["count"] == 1, f"the train step was lowered {lowered['count']} times"
     assert "(while remat=auto chose its policy; not compiled again)" in capsys.readouterr().out
     assert int(state.step) == 2 and np.isfinite(metrics["loss"]) and metrics.get("compile_s") is None
 

@@ -12,7 +12,7 @@ import pytest
 from imagen_jax import checkpoints, parallel, training
 from imagen_jax.training import loop as train_lib
 from imagen_jax.data import pipeline
-from stage_utils import make_store, random_batch, shapes_vocab, tiny_config
+from stage_utils import count_lowerings, make_store, random_batch, shapes_vocab, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,6 +134,16 @@ def tmp_path_factory_root(tmp_path):
 
 def c_size(stage):
     return tiny_config(stage).data.image_size
+
+
+def test_previews_compile_the_sampler_once(tmp_path, vocab):
+    # Each preview used to build a new jitted sampler and compile it again (for the base64 paper
+    # U-Net's 256-step loop on one GPU, ~30 s at every train.sample_every).
+    c = cfg("base64", vocab, **{"train.num_steps": 4, "train.sample_every": 2, "sampling.steps": 2})
+    with count_lowerings("_sample") as lowered:
+        train_lib.train(c, str(tmp_path))
+    assert lowered["count"] == 1
+    assert sorted(os.listdir(tmp_path / "samples")) == ["step_00000002.png", "step_00000004.png"]
 
 
 def test_loss_falls_on_repeated_batch(vocab):

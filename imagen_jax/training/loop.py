@@ -113,9 +113,10 @@ def check_batch(config, mesh):
         raise parallel.MeshError(f"train.batch_size={gb} is not divisible by the {pc} processes")
 
 
-def preview(trainer, state, cond, config, host, workdir, step, writer=None):
+def preview(trainer, state, cond, config, host, workdir, step, writer=None, samplers=None):
     """A grid of samples from the EMA parameters: the config's fixed prompts for a base stage; for
-    an SR stage, the current batch's captions and low-res images."""
+    an SR stage, the current batch's captions and low-res images. `samplers`: a dict the loop keeps
+    across previews, so the sampling program compiles once per run, not at every preview."""
     from PIL import Image
 
     stage = cascade.Stage(config=config, params=state.ema_params, source=workdir, step=step)
@@ -138,7 +139,13 @@ def preview(trainer, state, cond, config, host, workdir, step, writer=None):
     mask, _ = cascade.pad_batch(np.asarray(mask), dp)
     if lowres is not None:
         lowres, _ = cascade.pad_batch(np.asarray(lowres), dp)
-    images = cascade.StageSampler(stage, trainer.mesh, settings)(text, mask, lowres, jax.random.PRNGKey(0))
+    samplers = {} if samplers is None else samplers
+    if "stage" in samplers:
+        sampler = samplers["stage"].with_params(stage.params, step)
+    else:
+        sampler = cascade.StageSampler(stage, trainer.mesh, settings)
+    samplers["stage"] = sampler
+    images = sampler(text, mask, lowres, jax.random.PRNGKey(0))
     images = cascade.to_uint8(jax.device_get(images))[: len(prompts)]
     if jax.process_index() == 0:
         import io
@@ -281,6 +288,7 @@ def train(config, workdir, stop_after=0):
     preempt = Preemption()
     profiler = Profiler(config, workdir)
     compiled = None
+    samplers = {}  # the preview's sampling program, compiled at the first preview only
     flops = 0.0
     peak = peak_flops(config)
     last_t, last_step = time.time(), start
@@ -340,7 +348,7 @@ def train(config, workdir, stop_after=0):
             progress.update(metrics_host.get("loss") if logged else None)
             if config.train.sample_every and done % config.train.sample_every == 0:
                 t0 = time.time()
-                preview(trainer, state, cond, config, host, workdir, done, writer)
+                preview(trainer, state, cond, config, host, workdir, done, writer, samplers)
                 last_t += time.time() - t0  # sampling (and its compile) is not training throughput
             # Called every step on every host, as the preemption sync protocol requires.
             preempted = mngr.reached_preemption(done) or preempt.requested
