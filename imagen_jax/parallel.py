@@ -153,8 +153,17 @@ def check_sharded(abstract_params, shardings, mesh, min_bytes):
 
 
 def host_local_batch_to_global(batch, mesh):
-    """Assembles each host's slice of the global batch into global arrays sharded over data x fsdp."""
+    """Assembles each host's slice of the global batch into global arrays sharded over data x fsdp.
+
+    With one process, leaves that are already jax arrays (T5 embeddings encoded on the fly) move
+    device to device. A copy through the host would wait for the encoder, and with it for the
+    previous train step, so the accelerator would idle while the host copied the embeddings back
+    and dispatched the next step."""
+    single = jax.process_count() == 1
+
     def put(x):
+        if single and isinstance(x, jax.Array):
+            return jax.device_put(x, batch_sharding(mesh, x.ndim))
         x = np.asarray(x)
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
     return jax.tree_util.tree_map(put, batch)

@@ -146,6 +146,28 @@ def test_previews_compile_the_sampler_once(tmp_path, vocab):
     assert sorted(os.listdir(tmp_path / "samples")) == ["step_00000002.png", "step_00000004.png"]
 
 
+def test_device_embeddings_join_the_batch_without_waiting():
+    # T5 run on the fly returns embeddings still being computed, sharded like the batch. Copying
+    # them through the host (np.asarray, as the loop did) waited for them, and so for the previous
+    # train step queued before the encoder: the accelerator idled while the host caught up.
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    sharding = parallel.batch_sharding(mesh, 3)
+    slow = jax.jit(lambda x, n: jax.lax.fori_loop(0, n, lambda i, v: v * 0.9999999 + 1e-7, x),
+                   out_shardings=sharding)  # a stand-in encoder, ~1 s of work on 2 cores
+    x = jax.device_put(np.ones((8, 16, 64), np.float32), sharding)
+    slow(x, 10).block_until_ready()  # compiled outside the timing of what follows
+    emb = slow(x, 5_000_000)
+    rng = np.random.default_rng(0)
+    stored = rng.normal(size=(8, 16, 64)).astype(np.float32)  # an embedding store's rows on one device
+    host = {"text": emb, "stored": jax.numpy.asarray(stored), "text_mask": np.ones((8, 16), bool),
+            "image": rng.uniform(-1, 1, (8, 4, 4, 3)).astype(np.float32)}
+    batch = parallel.host_local_batch_to_global(host, mesh)
+    assert not emb.is_ready(), "building the batch waited for the embeddings"
+    for key, value in batch.items():
+        assert value.sharding.is_equivalent_to(parallel.batch_sharding(mesh, value.ndim), value.ndim), key
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(host[key]))
+
+
 def test_loss_falls_on_repeated_batch(vocab):
     """A few optimizer steps on one batch reduce its loss (the gradient path is wired up)."""
     c = cfg("base64", vocab)

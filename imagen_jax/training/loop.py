@@ -309,8 +309,10 @@ def train(config, workdir, stop_after=0):
         for step in range(start, end):
             host = next(data)
             text, mask = cond(host["captions"])
-            local = {"image": host["image"], "text": np.asarray(text, dtype=jnp.dtype(trainer.model_cfg.dtype)),
-                     "text_mask": np.asarray(mask, bool)}
+            # astype, not np.asarray: embeddings T5 just computed stay on the device (see
+            # host_local_batch_to_global).
+            local = {"image": host["image"], "text": text.astype(jnp.dtype(trainer.model_cfg.dtype)),
+                     "text_mask": mask.astype(bool)}
             if trainer.is_sr:
                 local["lowres"] = host["lowres"]
             batch = parallel.host_local_batch_to_global(local, mesh)
