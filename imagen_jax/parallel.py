@@ -155,14 +155,15 @@ def check_sharded(abstract_params, shardings, mesh, min_bytes):
 def host_local_batch_to_global(batch, mesh):
     """Assembles each host's slice of the global batch into global arrays sharded over data x fsdp.
 
-    With one process, leaves that are already jax arrays (T5 embeddings encoded on the fly) move
-    device to device. A copy through the host would wait for the encoder, and with it for the
-    previous train step, so the accelerator would idle while the host copied the embeddings back
-    and dispatched the next step."""
+    Leaves that are already jax arrays of the whole batch (T5 embeddings encoded on the fly: with
+    one process any jax array, with several the encoder's global arrays) move device to device. A
+    copy through the host would wait for the encoder, and with it for the previous train step, so
+    the accelerator would idle while the host copied the embeddings back and dispatched the next
+    step."""
     single = jax.process_count() == 1
 
     def put(x):
-        if single and isinstance(x, jax.Array):
+        if isinstance(x, jax.Array) and (single or not x.is_fully_addressable):
             return jax.device_put(x, batch_sharding(mesh, x.ndim))
         x = np.asarray(x)
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)

@@ -27,16 +27,22 @@ def last_json(out):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_two_processes_match_one_process_two_devices():
+def test_two_processes_match_one_process_two_devices(tmp_path):
+    # Also: T5 run on the fly hands a training batch its global arrays, the same batch that copying
+    # each host's rows through the host gives (the loop's path before, which idled the accelerator).
+    from stage_utils import shapes_vocab
+
     worker = os.path.join(HERE, "multihost_worker.py")
-    single = subprocess.run([sys.executable, worker], env=env(2), capture_output=True, text=True, timeout=600)
+    vocab = shapes_vocab(tmp_path)
+    single = subprocess.run([sys.executable, worker, vocab], env=env(2), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     ref = last_json(single.stdout)
     assert ref["devices"] == 2
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, worker], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env(1, IMAGEN_JAX_COORDINATOR=f"127.0.0.1:{port}", IMAGEN_JAX_NUM_PROCESSES="2",
-                                      IMAGEN_JAX_PROCESS_ID=str(i))) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, worker, vocab], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env(1, IMAGEN_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                                                 IMAGEN_JAX_NUM_PROCESSES="2", IMAGEN_JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -45,6 +51,9 @@ def test_two_processes_match_one_process_two_devices():
     for r in results:
         assert r["devices"] == 2
         np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5)
+        assert r["t5_global"] and r["t5_same_batch"] and r["t5_text_sum"] > 0
+        # The same embeddings as one process with two devices (float32 T5; summation order aside).
+        np.testing.assert_allclose(r["t5_text_sum"], ref["t5_text_sum"], rtol=1e-5)
 
 
 def test_two_hosts_sample_what_one_host_samples(tiny_base, tmp_path):

@@ -92,17 +92,24 @@ class TextEncoder:
     def dim(self) -> int:
         return self.config.d_model
 
-    def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+    def encode(self, prompts: Sequence[str], *, global_arrays: bool = False) -> tuple[jax.Array, jax.Array]:
         """B prompts -> (embeddings [B, L, D] in config.dtype, mask bool [B, L]).
 
         Embeddings at padded positions (mask False) are zero, unless config.key_only_mask (HF
         semantics), where they are the encoder's outputs there.
+
+        With a mesh over several processes each host passes its own prompts and gets its own rows
+        back (host-local arrays). `global_arrays=True` keeps the encoder's global arrays instead
+        (when the rows need no padding): each host's rows sit where
+        jax.make_array_from_process_local_data puts that host's slice of a batch, so a training
+        batch takes them as they are, with no copy through the host.
         """
         ids, mask = self.tokenizer.tokenize(prompts)
-        return self.encode_tokens(ids, mask)
+        return self.encode_tokens(ids, mask, global_arrays=global_arrays)
 
-    def encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> tuple[jax.Array, jax.Array]:
-        """ids int32 [B, L], mask bool [B, L] -> (embeddings [B, L, D], mask [B, L])."""
+    def encode_tokens(self, ids: np.ndarray, mask: np.ndarray, *,
+                      global_arrays: bool = False) -> tuple[jax.Array, jax.Array]:
+        """ids int32 [B, L], mask bool [B, L] -> (embeddings [B, L, D], mask [B, L]); see encode."""
         ids = np.asarray(ids, np.int32)
         mask = np.asarray(mask, bool)
         b = ids.shape[0]
@@ -115,6 +122,8 @@ class TextEncoder:
             ids = jax.make_array_from_process_local_data(self._data_sharding, ids)
             mask = jax.make_array_from_process_local_data(self._data_sharding, mask)
         emb, out_mask = self._fn(self.params, ids, mask)
+        if global_arrays and not pad:
+            return emb, out_mask
         if self._data_sharding is not None and jax.process_count() > 1:
             from jax.experimental import multihost_utils
             emb, out_mask = multihost_utils.global_array_to_host_local_array(

@@ -308,7 +308,7 @@ def train(config, workdir, stop_after=0):
     try:
         for step in range(start, end):
             host = next(data)
-            text, mask = cond(host["captions"])
+            text, mask = cond.batch(host["captions"])
             # astype, not np.asarray: embeddings T5 just computed stay on the device (see
             # host_local_batch_to_global).
             local = {"image": host["image"], "text": text.astype(jnp.dtype(trainer.model_cfg.dtype)),
