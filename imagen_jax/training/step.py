@@ -171,8 +171,8 @@ def executable(trainer, state, batch, rng):
 
     Under model.remat="auto" the Trainer compiled the step while choosing its policy; that
     executable is reused when it was compiled for exactly these arguments, instead of compiling
-    the same program again (for the base64 paper step on one GPU that second compile took as long
-    as the first, ~4 minutes, whenever no persistent compilation cache was set)."""
+    the same program again: without a persistent compilation cache that second compile redoes the
+    whole first one (measured ~4 minutes for the base64 paper step on one GPU)."""
     step = trainer.step
     if isinstance(step, _PrecompiledStep) and step.accepts(state, batch, rng):
         return step.compiled, float(trainer.remat_report.get("compile_s", 0.0)), True
